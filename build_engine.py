@@ -113,11 +113,11 @@ def up_to_date(args, bundle, profile: dict, trt_ok: bool) -> int | None:
 
 
 def build_tensorrt(args, bundle, profile: dict, progress: Progress) -> dict:
+    import tensorrt
+
     from engines.manifest import DIT_ONNX, DIT_PLAN, TIMING_CACHE, VAE_ONNX, VAE_PLAN, gpu_identity
     from engines.onnx_export import DecoderForExport, dit_example_inputs, vae_example_inputs
     from engines.trt_build import build_plan_from_onnx, build_plan_with_torch_tensorrt
-
-    import tensorrt
 
     out, cache = args.output_dir, args.output_dir / TIMING_CACHE
     plans = {}
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         code = up_to_date(args, bundle, profile, trt_ok)
         if code is not None:
             return code
-    steps = 3 + (2 if trt_ok else 0)
+    steps = 5 + (3 if trt_ok else 0)  # 2 graphs x (export, validate), [2 plans, check], manifest
     progress = Progress(steps)
     print(f"building engines for {bundle.spec.name} ({args.model_dir}) into {args.output_dir}; "
           f"rows {profile['min']}/{profile['opt']}/{profile['max']}", flush=True)

@@ -81,7 +81,8 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
         detail = []
         for e in exc.errors():
             loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-            field = ".".join(loc) if loc and e.get("type") != "json_invalid" else "body"
+            # loc[0] is the top-level field; further parts are union-member tags.
+            field = loc[0] if loc and e.get("type") != "json_invalid" else "body"
             detail.append({"field": field, "message": e.get("msg", "invalid"), "type": e.get("type", "")})
         fields = ", ".join(sorted({d["field"] for d in detail}))
         return error(422, "invalid_request", f"invalid value for: {fields}", detail)

@@ -19,7 +19,7 @@ DEMO_MODEL_DIR = REPO_ROOT / "checkpoints" / "demo"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LDIT_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="LDIT_", extra="ignore", env_ignore_empty=True, protected_namespaces=())
 
     # --- network -------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")

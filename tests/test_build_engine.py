@@ -1,0 +1,87 @@
+"""build_engine.py end to end (subprocess) on a tiny random bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engines.random_bundle import TINY_DIT, TINY_VAE_DDCONFIG, make_random_bundle
+from engines.trt_build import tensorrt_status
+
+REPO = Path(__file__).resolve().parent.parent
+TRT_OK, _ = tensorrt_status()
+
+
+def run_build(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(REPO / "build_engine.py"), "--threads", "2", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    bundle = make_random_bundle(root / "bundle", TINY_DIT, TINY_VAE_DDCONFIG, name="tiny")
+    out = root / "engines"
+    proc = run_build("--model-dir", str(bundle), "--output-dir", str(out), "--max-rows", "8", "--opt-rows", "4")
+    return bundle, out, proc
+
+
+def test_exit_code_and_messages(built):
+    _, _, proc = built
+    print(proc.stdout, proc.stderr)
+    if TRT_OK:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 3, proc.stderr
+        assert "TensorRT step skipped" in proc.stdout
+    assert "max_abs=" in proc.stdout and "[1/" in proc.stdout
+
+
+def test_manifest_fields(built):
+    bundle, out, _ = built
+    m = json.loads((out / "manifest.json").read_text())
+    for key in ("format", "bundle", "graphs", "onnx", "batch_profile", "precision", "versions", "gpu",
+                "build_seconds", "files", "tensorrt", "tensorrt_skipped", "written_at"):
+        assert key in m, key
+    assert m["batch_profile"]["min"] == 1 and m["batch_profile"]["opt"] == 4 and m["batch_profile"]["max"] == 8
+    assert len(m["bundle"]["dit_checkpoint"]["sha256"]) == 64 and m["bundle"]["version"]
+    assert {"dit.onnx", "vae_decoder.onnx"} <= set(m["files"])
+    assert m["versions"]["torch"] and m["versions"]["onnxruntime"]
+    if not TRT_OK:
+        assert m["tensorrt"] is None and m["tensorrt_skipped"]
+
+
+def test_onnx_files_load_in_onnxruntime(built):
+    import numpy as np
+    import onnxruntime as ort
+
+    _, out, _ = built
+    dit = ort.InferenceSession(str(out / "dit.onnx"), providers=["CPUExecutionProvider"])
+    c, s = TINY_DIT["in_channels"], TINY_DIT["input_size"]
+    v = dit.run(None, {"x": np.zeros((2, c, s, s), np.float32), "t": np.zeros(2, np.float32),
+                       "y": np.array([0, TINY_DIT["num_classes"]], np.int64)})[0]
+    assert v.shape == (2, c, s, s)
+    vae = ort.InferenceSession(str(out / "vae_decoder.onnx"), providers=["CPUExecutionProvider"])
+    img = vae.run(None, {"z": np.zeros((3, c, s, s), np.float32)})[0]
+    assert img.shape == (3, 3, 2 * s, 2 * s)
+
+
+def test_if_stale_skips_an_up_to_date_dir(built):
+    bundle, out, first = built
+    proc = run_build("--model-dir", str(bundle), "--output-dir", str(out), "--max-rows", "8", "--opt-rows", "4",
+                     "--if-stale")
+    assert proc.returncode == first.returncode, proc.stderr
+    assert "up to date" in proc.stdout
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    proc = run_build("--model-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "model bundle" in proc.stderr
+    proc = run_build("--min-rows", "8", "--max-rows", "4")
+    assert proc.returncode == 2
