@@ -35,6 +35,16 @@ from model.lightningdit import CONFIG_KEYS, LightningDiT
 from model.sampling import PRESETS, SamplerPreset
 from model.vavae import VAVAE
 
+CLASS_LISTS = Path(__file__).resolve().parent / "class_names"
+
+
+def named_class_list(name: str) -> list[str]:
+    path = CLASS_LISTS / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CLASS_LISTS.glob("*.json"))
+        raise CheckpointError(f"unknown class-name list {name!r}; known: {known}")
+    return list(json.loads(path.read_text()))
+
 
 @dataclass
 class BundleSpec:
@@ -89,6 +99,8 @@ def read_spec(root: str | Path) -> BundleSpec:
         presets = {k: SamplerPreset(**v) for k, v in raw.get("presets", {}).items()} or dict(PRESETS)
         default = raw.get("default_preset") or next(iter(presets))
         classes = raw.get("class_names") or [str(i) for i in range(int(dit_cfg["num_classes"]))]
+        if isinstance(classes, str):  # a named list shipped with the code, e.g. "imagenet1k"
+            classes = named_class_list(classes)
         spec = BundleSpec(
             root=root,
             name=raw.get("name", root.name),

@@ -8,19 +8,21 @@ import logging
 import math
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.bundle import BundleSpec
 from service import metrics
+from service.auth import AuthError, Guard
 from service.jobs import Job, Keys, ResultMeta, result_key
 from service.limits import BodySizeLimit
+from service.model_watch import ModelWatcher
 from service.schemas import (
     ErrorBody,
     FieldError,
@@ -37,6 +39,9 @@ from service.waiter import ResultWaiter
 log = logging.getLogger("ldit.api")
 
 PNG = "image/png"
+STATIC = Path(__file__).resolve().parent / "static"
+# Errors any protected route may answer: auth, rate limit / full queue, bad input, too large.
+ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
 
 
 def error(status: int, code: str, message: str, detail: list | None = None, headers: dict | None = None):
@@ -56,8 +61,10 @@ def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: b
     })
 
 
-def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: str) -> FastAPI:
+def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastAPI:
+    """The app; `model` gives the current bundle spec and version (hot-swapped checkpoints included)."""
     keys = Keys(settings.key_prefix)
+    guard = Depends(Guard(settings, settings.key_prefix))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -91,6 +98,11 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
     async def on_http(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(AuthError)
+    async def on_auth(request: Request, exc: AuthError):
+        metrics.REQUEST_FAILURE.labels(request.url.path.split("/")[1] or "root", exc.code).inc()
+        return error(exc.status, exc.code, str(exc), headers=exc.headers)
+
     @app.exception_handler(FieldError)
     async def on_field(request: Request, exc: FieldError):
         return error(422, "invalid_request", str(exc), [{"field": exc.field, "message": str(exc), **exc.extra}])
@@ -107,6 +119,8 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
 
     # -- helpers ------------------------------------------------------------------------
     async def make_job(req: GenerateRequest, reply_to: str) -> Job:
+        model.poll()
+        spec, version = model.spec, model.version
         class_id = resolve_class(spec, req.class_label)
         preset = resolve_preset(spec, req)
         return Job(class_id=class_id, seed=req.seed, preset=preset,
@@ -156,9 +170,8 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
     # -- routes -------------------------------------------------------------------------
     @app.post("/generate", response_class=Response, responses={
         200: {"content": {PNG: {}}, "description": "The PNG."},
-        422: {"model": ErrorBody}, 413: {"model": ErrorBody}, 429: {"model": ErrorBody},
-        503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
-    async def generate(req: GenerateRequest, request: Request):
+        **ERRORS, 500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def generate(req: GenerateRequest, request: Request, _caller: str = guard):
         """Generate one image and answer with the PNG once it is ready."""
         start = time.perf_counter()
         r: aioredis.Redis = request.app.state.redis
@@ -184,7 +197,7 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
         st = await job_status(r, job.id)
         if st is None or st.status != "done":
             return failure_response(st or JobStatus(id=job.id, status="failed", error="lost"), "generate")
-        hit = await cached(r, job.key)
+        hit = await cached(r, (await r.hget(keys.job(job.id), "key")).decode())
         if not hit:
             return error(500, "lost", "the result expired before it could be read")
         metrics.REQUEST_SUCCESS.labels("generate").inc()
@@ -192,8 +205,8 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
         return png_response(hit[0], hit[1], job.id, job.seed, cached=False)
 
     @app.post("/jobs", status_code=202, response_model=JobAccepted,
-              responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}})
-    async def submit(req: GenerateRequest, request: Request):
+              responses={**ERRORS, 503: {"model": ErrorBody}})
+    async def submit(req: GenerateRequest, request: Request, _caller: str = guard):
         """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image."""
         r: aioredis.Redis = request.app.state.redis
         job = await make_job(req, reply_to="")
@@ -209,16 +222,17 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
             status = "queued"
         return JobAccepted(id=job.id, status=status, status_url=f"/jobs/{job.id}", image_url=f"/jobs/{job.id}/image")
 
-    @app.get("/jobs/{job_id}", response_model=JobStatus, responses={404: {"model": ErrorBody}})
-    async def get_job(job_id: str, request: Request):
+    @app.get("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
+    async def get_job(job_id: str, request: Request, _caller: str = guard):
         st = await job_status(request.app.state.redis, job_id[:64])
         if st is None:
             return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
         return st
 
     @app.get("/jobs/{job_id}/image", response_class=Response,
-             responses={200: {"content": {PNG: {}}}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def get_job_image(job_id: str, request: Request):
+             responses={200: {"content": {PNG: {}}}, **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+                        500: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def get_job_image(job_id: str, request: Request, _caller: str = guard):
         r = request.app.state.redis
         st = await job_status(r, job_id[:64])
         if st is None:
@@ -233,6 +247,14 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
             return error(404, "expired", "the image expired")
         seed = int((await r.hget(keys.job(job_id), "seed")) or 0)
         return png_response(hit[0], hit[1], job_id, seed, cached=False)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        """A small page to try the API from a browser."""
+        page = STATIC / "index.html"
+        if not page.is_file():
+            return error(404, "not_found", "no playground page in this build")
+        return FileResponse(page, media_type="text/html")
 
     @app.get("/healthz")
     async def healthz():
@@ -265,6 +287,8 @@ def create_app(settings: Settings, spec: BundleSpec, version: str, redis_url: st
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info():
+        model.poll()
+        spec, version = model.spec, model.version
         return ModelInfo(
             name=spec.name, version=version, num_classes=spec.num_classes, class_names=spec.class_names,
             resolution=spec.image_size, latent_shape=list(spec.latent_shape), backend=settings.backend,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -16,8 +18,7 @@ from pathlib import Path
 import redis
 import uvicorn
 
-from model.bundle import read_spec
-from service.settings import Settings
+from service.settings import REPO_ROOT, Settings
 
 log = logging.getLogger("ldit")
 
@@ -40,31 +41,42 @@ class EmbeddedRedis:
             pass
 
 
-def build_worker(settings: Settings, redis_url: str):
-    """Load the bundle and the engine, and return a ready Worker."""
+def load_model(settings: Settings):
+    """(runner, bundle spec, version, engine info) for the bundle in settings.model_dir.
+
+    For TensorRT, the engines are (re)built first when they are missing or stale.
+    """
     from engines import load_engine
     from model.bundle import load_bundle
-    from service.api import redis_kwargs
     from service.runner import Runner
-    from service.worker import Worker
 
+    if settings.backend == "tensorrt":
+        subprocess.run([sys.executable, str(REPO_ROOT / "build_engine.py"), "--model-dir", str(settings.model_dir),
+                        "--output-dir", str(settings.engine_dir), "--if-stale"], check=True)
     bundle = load_bundle(settings.model_dir)
     engine = load_engine(
         bundle, backend=settings.backend, device=settings.device, precision=settings.precision,
         engine_dir=settings.engine_dir if settings.backend != "torch" else None,
         max_rows=settings.max_batch_size, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
     )
-    r = redis.Redis.from_url(redis_url, **redis_kwargs(settings))
-    runner = Runner(engine, bundle.stats, bundle.null_class)
     info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision}
-    return Worker(settings, r, runner, bundle.spec.latent_shape, bundle.spec.version(), info)
+    return Runner(engine, bundle.stats, bundle.null_class), bundle.spec, bundle.spec.version(), info
+
+
+def build_worker(settings: Settings, redis_url: str):
+    """Load the bundle and the engine, and return a ready Worker."""
+    from service.api import redis_kwargs
+    from service.worker import Worker
+
+    r = redis.Redis.from_url(redis_url, **redis_kwargs(settings))
+    return Worker(settings, r, lambda: load_model(settings))
 
 
 def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None) -> None:
     from service.api import create_app
+    from service.model_watch import ModelWatcher
 
-    spec = read_spec(settings.model_dir)
-    app = create_app(settings, spec, spec.version(), redis_url)
+    app = create_app(settings, ModelWatcher(settings.model_dir, settings.model_watch_interval_s), redis_url)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, access_log=settings.log_level == "debug",
                             timeout_graceful_shutdown=5)

@@ -28,8 +28,8 @@ import redis
 from PIL import Image
 
 from service import metrics
-from service.jobs import GROUP, Job, Keys, ResultMeta
-from service.runner import Runner
+from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
+from service.model_watch import ModelWatcher
 from service.scheduler import Sample, Scheduler
 from service.settings import Settings
 
@@ -57,16 +57,18 @@ def ensure_group(r: redis.Redis, keys: Keys) -> None:
 
 
 class Worker:
-    def __init__(self, settings: Settings, r: redis.Redis, runner: Runner, latent_shape, model_version: str,
-                 engine_info: dict | None = None):
+    def __init__(self, settings: Settings, r: redis.Redis, load_model):
+        """`load_model()` returns (runner, bundle spec, version, engine info); called again on hot swap."""
         self.s = settings
         self.r = r
         self.keys = Keys(settings.key_prefix)
-        self.runner = runner
-        self.version = model_version
+        self.load_model = load_model
+        self.runner, spec, self.version, self.engine_info = load_model()
         self.name = settings.worker_name or default_worker_name()
-        self.engine_info = engine_info or {}
-        self.scheduler = Scheduler(settings.max_batch_size, latent_shape, settings.batching)
+        self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching)
+        self.watcher = ModelWatcher(settings.model_dir, settings.model_watch_interval_s)
+        self._swap: tuple | None = None  # a newly loaded model waiting for the active samples to finish
+        self._loading: threading.Thread | None = None
         self.waiting: deque[Job] = deque()  # read from the stream, not yet admitted
         self.finishing: dict[str, Job] = {}  # handed to the PNG pool, not yet acknowledged
         self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
@@ -102,10 +104,33 @@ class Worker:
             self._last_reclaim = now
         self._read_jobs()
         self._expire(time.time())
-        was_active = bool(self.scheduler.active)
-        for sample in self.scheduler.admit_waiting(self.waiting):
-            self._on_admit(sample, was_active)
+        self._hot_swap()
+        if self._swap is None:  # while a new model waits, the old one only finishes its samples
+            was_active = bool(self.scheduler.active)
+            for sample in self.scheduler.admit_waiting(self.waiting):
+                self._on_admit(sample, was_active)
         self._step()
+
+    def _hot_swap(self) -> None:
+        """Load a newly published checkpoint in the background; switch between batches."""
+        if self._loading is None and self._swap is None and self.watcher.poll() is not None:
+            def load():
+                try:
+                    self._swap = self.load_model()
+                except Exception:  # noqa: BLE001 - keep serving the old model
+                    log.exception("loading the new checkpoint failed; keeping version %s", self.version)
+                finally:
+                    self._loading = None
+
+            self._loading = threading.Thread(target=load, name="model-loader", daemon=True)
+            self._loading.start()
+        if self._swap is not None and not self.scheduler.active:
+            runner, spec, version, info = self._swap
+            old, self._swap = self.version, None
+            self.runner, self.version, self.engine_info = runner, version, info
+            self.scheduler.latent_shape = spec.latent_shape
+            log.warning("switched model", extra={"from": old, "to": version})
+            self.heartbeat()
 
     def _drain(self) -> None:
         """On stop: release jobs not yet started, finish the ones in flight."""
@@ -221,10 +246,13 @@ class Worker:
         for sample, image in zip(samples, images, strict=True):
             with self._lock:
                 self.finishing[sample.job.id] = sample.job
-            self.pool.submit(self._store, sample, image, seconds)
+            self.pool.submit(self._store, sample, image, seconds, self.version)
 
-    def _store(self, sample: Sample, image: np.ndarray, decode_s: float) -> None:
+    def _store(self, sample: Sample, image: np.ndarray, decode_s: float, version: str) -> None:
         job = sample.job
+        # The result is filed under the version that really made it: after a hot swap the
+        # API may have keyed the request with a version this worker had not switched to yet.
+        key = result_key(version, job.class_id, job.seed, job.preset)
         try:
             png = encode_png(image, self.s.png_compress_level)
             compute_s = sample.compute_s + decode_s
@@ -232,14 +260,14 @@ class Worker:
                 queue_ms=round(max(0.0, sample.admitted_at - job.enqueued_at) * 1000, 3),
                 compute_ms=round((time.time() - sample.admitted_at) * 1000, 3),
                 batch_size=sample.widest_batch,
-                model_version=self.version,
+                model_version=version,
                 worker=self.name,
             )
             ttl = self.s.result_ttl_s
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self.keys.result(job.key), mapping={"png": png, "meta": meta.to_json()})
-            pipe.expire(self.keys.result(job.key), ttl)
-            pipe.hset(self.keys.job(job.id), mapping={"status": "done", "key": job.key, "meta": meta.to_json()})
+            pipe.hset(self.keys.result(key), mapping={"png": png, "meta": meta.to_json()})
+            pipe.expire(self.keys.result(key), ttl)
+            pipe.hset(self.keys.job(job.id), mapping={"status": "done", "key": key, "meta": meta.to_json()})
             pipe.expire(self.keys.job(job.id), ttl)
             pipe.xack(self.keys.stream, GROUP, job.stream_id)
             pipe.xdel(self.keys.stream, job.stream_id)
