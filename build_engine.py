@@ -144,7 +144,7 @@ def smoke_test_tensorrt(args, bundle) -> None:
     from engines.trt_backend import TrtEngine
 
     engine = TrtEngine(bundle, args.output_dir, "cuda", args.max_rows)
-    x, t, y = dit_example_inputs(bundle.dit, min(args.max_rows, 4))
+    x, t, y = dit_example_inputs(bundle.dit, max(args.min_rows, min(args.max_rows, 4)))
     with torch.no_grad():
         ref = bundle.dit.cuda()(x.cuda(), t.cuda(), y.cuda()).float()
     got = engine.velocity(x.cuda(), t.cuda(), y.cuda())

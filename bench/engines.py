@@ -30,13 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engines.onnx_export import DecoderForExport  # noqa: E402
 from engines.random_bundle import DEMO_DIT, DEMO_VAE_DDCONFIG, make_random_bundle, perturb_  # noqa: E402
 from engines.torch_backend import TorchEngine  # noqa: E402
 from model.bundle import load_bundle, write_bundle  # noqa: E402
 from model.latents import LatentStats  # noqa: E402
-from model.lightningdit import lightningdit_config  # noqa: E402
-from model.lightningdit import LightningDiT  # noqa: E402
+from model.lightningdit import LightningDiT, lightningdit_config  # noqa: E402
 from model.sampling import SamplerPreset, initial_noise, sample  # noqa: E402
 from model.vavae import VAVAE  # noqa: E402
 
@@ -140,7 +138,7 @@ def bench_model(label: str, bundle, batches, repeats, with_ort, tmp, peaks_ref: 
             t = torch.rand(rows, generator=g).to(dev)
             y = torch.randint(0, bundle.spec.num_classes, (rows,), generator=g).to(dev)
             sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-            sec = best_time(lambda: (engine.velocity(x, t, y), sync()), repeats)
+            sec = best_time(lambda e=engine, x=x, t=t, y=y, s=sync: (e.velocity(x, t, y), s()), repeats)
             gflops = flops_row * rows / sec / 1e9
             peak = peaks_ref["bf16"] if "bf16" in name else peaks_ref["fp32"]
             row = dict(model=label, part="DiT", backend=name, rows=rows, ms=sec * 1e3, gflops=gflops,
@@ -151,7 +149,7 @@ def bench_model(label: str, bundle, batches, repeats, with_ort, tmp, peaks_ref: 
                 f"({row['pct_fp32_peak']:.0f}% fp32 peak, {row['pct_bf16_peak']:.0f}% bf16 peak)")
         zb = min(4, max(batches))
         z = torch.randn(zb, c, h, w).to(dev)
-        sec = best_time(lambda: engine.decode(z), max(1, repeats - 1))
+        sec = best_time(lambda e=engine, z=z: e.decode(z), max(1, repeats - 1))
         gflops = flops_img * zb / sec / 1e9
         rows_out.append(dict(model=label, part="VAE decode", backend=name, rows=zb, ms=sec * 1e3, gflops=gflops,
                              pct_fp32_peak=100 * gflops / peaks_ref["fp32"],
@@ -163,7 +161,7 @@ def bench_model(label: str, bundle, batches, repeats, with_ort, tmp, peaks_ref: 
         else:
             quality[name] = psnr(ref_images, img)
             log(f"    sampler images vs torch fp32: PSNR {quality[name]:.1f} dB")
-        del engine
+        engine.close()
     return {"flops_row": flops_row, "flops_decode": flops_img, "psnr_vs_fp32": quality}
 
 

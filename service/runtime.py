@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +37,17 @@ class EmbeddedRedis:
         self.url = f"unix://{self._server.socket_file}"
 
     def close(self) -> None:
+        pid = self._server.pid
         try:
-            self._server.shutdown(save=False, now=True)
+            self._server.shutdown(nosave=True)  # Redis 6.2 knows NOSAVE (not NOW/FORCE)
         except Exception:  # noqa: BLE001 - already gone
             pass
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def load_model(settings: Settings):
@@ -80,10 +89,19 @@ def serve_api(settings: Settings, redis_url: str, started: threading.Event | Non
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level, access_log=settings.log_level == "debug",
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     if started is not None:
         threading.Thread(target=_announce, args=(server, started), daemon=True).start()
     server.run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises a captured SIGTERM after shutting down, which would kill the
+    process before the worker drains and the embedded Redis stops; swallow it instead."""
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def _announce(server: uvicorn.Server, started: threading.Event) -> None:

@@ -1,0 +1,176 @@
+"""(b) Serving overhead at saturation: the all-in-one service (HTTP + Redis + PNG) against
+the same scheduler/runner loop in-process (no HTTP, Redis or PNG).
+
+Both are closed loops of `clients` concurrent requests (a finished request is replaced at
+once), enough to keep every row of the batch busy; throughput is counted between the
+`warmup`-th and the last completion. The in-process loop runs the same Scheduler and
+Runner as service/worker.py, including the batched VAE decode.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from urllib.parse import urlparse
+
+import torch
+
+from bench.common import REPO, THREADS, Model, log, progress
+from service.jobs import Job
+from service.runner import Runner
+from service.scheduler import Scheduler
+
+
+def _rate(stamps: list[float], warmup: int) -> float:
+    stamps = sorted(stamps)
+    if len(stamps) <= warmup + 1:
+        raise RuntimeError("too few completions to measure a rate")
+    return (len(stamps) - 1 - warmup) / (stamps[-1] - stamps[warmup])
+
+
+def engine_alone(model: Model, engine, clients: int, total: int, warmup: int, max_rows: int,
+                 batching: str = "step") -> dict:
+    runner = Runner(engine, model.bundle.stats, model.bundle.null_class)
+    sched = Scheduler(max_rows, model.bundle.spec.latent_shape, batching)
+    waiting: deque[Job] = deque()
+    issued, stamps = 0, []
+    bar = progress(total, f"{model.key} engine alone")
+
+    def new_job() -> Job:
+        nonlocal issued
+        issued += 1
+        return Job(class_id=issued % model.bundle.spec.num_classes, seed=issued, preset=model.preset,
+                   key=str(issued), deadline=time.time() + 1e6)
+
+    deadline = time.monotonic() + 3600
+    with torch.inference_mode():
+        while len(stamps) < total and time.monotonic() < deadline:
+            while issued < total and len(waiting) + len(sched.active) < clients:
+                waiting.append(new_job())
+            sched.admit_waiting(waiting)
+            plan = sched.schedule()
+            if plan is None:
+                break
+            x_next, secs = runner.step(plan)
+            done = sched.commit(plan, x_next, secs)
+            if done:
+                runner.decode([s.x for s in done])
+                now = time.perf_counter()
+                stamps += [now] * len(done)
+                bar.update(len(done))
+    bar.close()
+    return {"completed": len(stamps), "images_per_s": _rate(stamps, warmup)}
+
+
+def start_service(model: Model, env: dict[str, str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    full = {**os.environ, "LDIT_PORT": "0", "LDIT_HOST": "127.0.0.1", "LDIT_LOG_LEVEL": "warning",
+            "LDIT_MODEL_DIR": str(model.root), "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    found: list[str] = []
+    lines: list[str] = []
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("LDIT_LISTENING") and not found:
+                found.append(line.split()[1])
+
+    threading.Thread(target=pump, daemon=True).start()
+    end = time.monotonic() + timeout
+    while not found:
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError("service did not start:\n" + "".join(lines[-30:]))
+        time.sleep(0.05)
+    return proc, found[0]
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def http_clients(url: str, clients: int, total: int, num_classes: int, seed_base: int,
+                 time_limit: float = 3600) -> list[float]:
+    """`clients` threads POST /generate with unique seeds until `total` answers; completion times."""
+    u = urlparse(url)
+    lock = threading.Lock()
+    counter = {"issued": 0}
+    stamps: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + time_limit
+    bar = progress(total, "service (HTTP)")
+
+    def client():
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+        while time.monotonic() < deadline:
+            with lock:
+                if counter["issued"] >= total:
+                    break
+                counter["issued"] += 1
+                i = counter["issued"]
+            body = json.dumps({"class_label": i % num_classes, "seed": seed_base + i})
+            conn.request("POST", "/generate", body, {"content-type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            with lock:
+                if resp.status == 200 and data[:8] == b"\x89PNG\r\n\x1a\n":
+                    stamps.append(time.perf_counter())
+                    bar.update(1)
+                else:
+                    errors.append(f"{resp.status} {data[:200]!r}")
+        conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, deadline - time.monotonic() + 60))
+    bar.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    return stamps
+
+
+def service_saturated(model: Model, backend: str, precision: str, clients: int, total: int, warmup: int,
+                      max_rows: int) -> dict:
+    env = {"LDIT_BACKEND": backend, "LDIT_PRECISION": precision, "LDIT_MAX_BATCH_SIZE": str(max_rows),
+           "LDIT_MAX_QUEUE_LENGTH": str(max(256, 4 * clients)), "LDIT_REQUEST_TIMEOUT_S": "3600"}
+    proc, url = start_service(model, env)
+    try:
+        # one request first: loads lazily-built kernels outside the measured window
+        http_clients(url, 1, 1, model.bundle.spec.num_classes, seed_base=10_000_000)
+        stamps = http_clients(url, clients, total, model.bundle.spec.num_classes,
+                              seed_base=int(time.time()) % 1_000_000 * 1000)
+    finally:
+        stop_service(proc)
+    return {"completed": len(stamps), "images_per_s": _rate(stamps, warmup)}
+
+
+def compare(model: Model, engine_factory, backend: str, precision: str, clients: int, total: int, warmup: int,
+            max_rows: int, rounds: int = 1) -> dict:
+    """Alternates engine-alone and service runs `rounds` times; overhead = 1 - service / engine."""
+    eng_rates, svc_rates = [], []
+    engine = engine_factory()
+    for r in range(rounds):
+        log(f"[overhead] {model.key} round {r + 1}/{rounds}: engine alone")
+        eng_rates.append(engine_alone(model, engine, clients, total, warmup, max_rows)["images_per_s"])
+        log(f"[overhead] {model.key} round {r + 1}/{rounds}: service")
+        svc_rates.append(service_saturated(model, backend, precision, clients, total, warmup, max_rows)["images_per_s"])
+    engine.close()
+    e, s = max(eng_rates), max(svc_rates)
+    return {"backend": f"{backend} {precision}", "clients": clients, "requests": total, "warmup": warmup,
+            "max_rows": max_rows, "engine_images_per_s": eng_rates, "service_images_per_s": svc_rates,
+            "overhead_pct": 100 * (1 - s / e)}
