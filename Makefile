@@ -1,5 +1,8 @@
+PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python)
+
 .PHONY: demo-model
 
-# Train the digits demo model from scratch (~10 min on 2 CPU cores) into checkpoints/demo/.
+# Train the digits demo model from scratch (VA-VAE, latents, LightningDiT; about
+# 10-15 min on 2 shared CPU cores) and write the bundle to checkpoints/demo/.
 demo-model:
-	.venv/bin/python -m model.demo --out checkpoints/demo --work runs/demo
+	$(PYTHON) -m model.demo --out checkpoints/demo --work runs/demo

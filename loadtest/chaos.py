@@ -266,7 +266,7 @@ class Chaos:
         for name, sp in items:
             if sp.proc.poll() is not None and name not in self.killed:
                 self.killed.add(name)
-                tail = "".join(sp.lines[-30:])
+                tail = "".join(sp.lines[-150:])
                 self.unexpected_exits.append({"worker": name, "rc": sp.proc.returncode, "log_tail": tail})
                 self.event("worker exited unexpectedly", worker=name, rc=sp.proc.returncode)
                 with self.wlock:

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
@@ -108,6 +109,8 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         return error(422, "invalid_request", str(exc), [{"field": exc.field, "message": str(exc), **exc.extra}])
 
     @app.exception_handler(aioredis.ConnectionError)
+    @app.exception_handler(aioredis.TimeoutError)
+    @app.exception_handler(BusyLoadingError)
     async def on_redis_down(request: Request, exc: Exception):
         log.warning("redis unavailable: %r", exc)
         return error(503, "unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"})

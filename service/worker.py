@@ -79,14 +79,30 @@ class Worker:
         self._held: list[str] = []  # stream ids of waiting + active jobs, refreshed every tick
 
     # -- the loop ---------------------------------------------------------------------
+    def _ensure_group(self) -> None:
+        try:
+            ensure_group(self.r, self.keys)
+        except redis.RedisError:
+            pass
+
     def run(self) -> None:
         ensure_group(self.r, self.keys)
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.info("worker started", extra={"worker": self.name, "batching": self.s.batching})
         try:
+            backoff = 0.1
             while not self.stop_event.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                    backoff = 0.1
+                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
+                    # Redis restarting: keep the samples in memory and retry; held jobs are
+                    # still pending in the (persisted) stream if this worker dies meanwhile.
+                    log.warning("redis unavailable (%r); retrying in %.1f s", err, backoff)
+                    self.stop_event.wait(backoff)
+                    backoff = min(2 * backoff, 2.0)
+                    self._ensure_group()
             self._drain()
         finally:
             self.pool.shutdown(wait=True)
@@ -263,17 +279,13 @@ class Worker:
                 model_version=version,
                 worker=self.name,
             )
-            ttl = self.s.result_ttl_s
-            pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self.keys.result(key), mapping={"png": png, "meta": meta.to_json()})
-            pipe.expire(self.keys.result(key), ttl)
-            pipe.hset(self.keys.job(job.id), mapping={"status": "done", "key": key, "meta": meta.to_json()})
-            pipe.expire(self.keys.job(job.id), ttl)
-            pipe.xack(self.keys.stream, GROUP, job.stream_id)
-            pipe.xdel(self.keys.stream, job.stream_id)
-            if job.reply_to:
-                pipe.publish(job.reply_to, job.id)
-            pipe.execute()
+            result = self.keys.result(key)
+
+            def store(pipe):
+                pipe.hset(result, mapping={"png": png, "meta": meta.to_json()})
+                pipe.expire(result, self.s.result_ttl_s)
+
+            self._end(job, {"status": "done", "key": key, "meta": meta.to_json()}, store)
             metrics.IMAGES.inc()
             metrics.COMPUTE_DURATION.observe(compute_s)
         except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo it
@@ -282,18 +294,42 @@ class Worker:
             with self._lock:
                 self.finishing.pop(job.id, None)
 
+    def _transaction(self, commands, attempts: int = 20) -> None:
+        """Run `commands(pipe)` in one MULTI/EXEC, riding out a short Redis restart.
+
+        The commands are idempotent, and a failed EXEC leaves nothing half-applied.
+        """
+        for attempt in range(attempts):
+            try:
+                pipe = self.r.pipeline(transaction=True)
+                commands(pipe)
+                pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(min(0.1 * 2**attempt, 1.0))
+
+    def _end(self, job: Job, status: dict, extra=None) -> None:
+        """Record a job's end, acknowledge and delete its entry, wake its waiter: one transaction."""
+
+        def commands(pipe):
+            if extra is not None:
+                extra(pipe)
+            pipe.hset(self.keys.job(job.id), mapping=status)
+            pipe.expire(self.keys.job(job.id), self.s.result_ttl_s)
+            pipe.xack(self.keys.stream, GROUP, job.stream_id)
+            pipe.xdel(self.keys.stream, job.stream_id)
+            if job.reply_to:
+                pipe.publish(job.reply_to, job.id)
+
+        self._transaction(commands)
+
     # -- endings other than success ------------------------------------------------------
     def _fail(self, job: Job, reason: str, message: str) -> None:
         if reason == "timeout":
             metrics.EXPIRED.inc()
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.keys.job(job.id), mapping={"status": "failed", "error": reason, "message": message})
-        pipe.expire(self.keys.job(job.id), self.s.result_ttl_s)
-        pipe.xack(self.keys.stream, GROUP, job.stream_id)
-        pipe.xdel(self.keys.stream, job.stream_id)
-        if job.reply_to:
-            pipe.publish(job.reply_to, job.id)
-        pipe.execute()
+        self._end(job, {"status": "failed", "error": reason, "message": message})
         log.info("job failed", extra={"job": job.id, "reason": reason})
 
     def _dead_letter(self, job: Job, why: str) -> None:
