@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import offline, overhead  # noqa: E402
-from bench.common import REPO, best_of, gemm_peaks, load_model, log, machine, rows_per_image, setup_threads  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO, best_of, gemm_peaks, in_thread, load_model, log, machine, rows_per_image, setup_threads)
 
 
 def forward_gflops(model, precision: str, rows: int, flops_row: int, repeats: int) -> float:
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--overhead-rounds", type=int, default=2)
     args = p.parse_args(argv)
     setup_threads()
+    return in_thread(run, args)
+
+
+def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))
     models = args.models.split(",")
@@ -87,16 +92,13 @@ def main(argv=None) -> int:
                         f"{r['gflops_per_s']:.1f} GFLOP/s  diff {r['max_abs_diff_vs_official']:.2e}")
             if "b" in parts and not is_b1:
                 backend, precision = args.overhead_backend.split(":")
-                from engines import load_engine
-
                 total, warm = (24, 4) if args.quick else (96, 16)
                 entry["overhead"] = overhead.compare(
-                    m, lambda: load_engine(m.bundle, backend, "cpu", precision, max_rows=args.max_rows),
-                    backend, precision, clients=2 * args.max_rows, total=total, warmup=warm,
+                    m, backend, precision, clients=2 * args.max_rows, total=total, warmup=warm,
                     max_rows=args.max_rows, rounds=1 if args.quick else args.overhead_rounds)
                 log(f"   overhead: {entry['overhead']}")
             if "c" in parts:
-                reps = 2 if args.quick or is_b1 else 5
+                reps = 1 if args.quick else (2 if is_b1 else 5)
                 entry["forward_gflops"] = {
                     f"{prec} b{rows}": forward_gflops(m, prec, rows, fr, reps)
                     for prec in ("fp32", "bf16") for rows in ((8,) if args.quick or is_b1 else (8, 16))}

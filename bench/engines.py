@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -171,7 +172,8 @@ def markdown(result: dict, command: str) -> str:
         "## Engines (CPU)",
         "",
         f"Machine: {result['cpu']}, {result['threads']} threads (torch.set_num_threads), shared with other "
-        f"processes; torch {result['torch']}. Command: `{command}` ({result['seconds']:.0f} s).",
+        f"processes (1-min load average {result['load'][0]:.1f} at start, {result['load'][1]:.1f} at end); "
+        f"torch {result['torch']}. Command: `{command}` ({result['seconds']:.0f} s).",
         "",
         f"GEMM peaks (2048^3 matmul, best of runs, before / after the model runs): fp32 "
         f"{p0['fp32']:.0f} / {p1['fp32']:.0f} GFLOP/s, bf16 {p0['bf16']:.0f} / {p1['bf16']:.0f} GFLOP/s; "
@@ -226,6 +228,7 @@ def main() -> None:
     t_start = time.perf_counter()
     batches = (1, 8) if args.quick else (1, 4, 8, 16)
     repeats = 2 if args.quick else 3
+    load_start = os.getloadavg()[0]
     log(f"engine benchmark on {cpu_name()}, {args.threads} threads, batches {batches}")
     peaks_before = gemm_peaks(5)
     log(f"GEMM peaks: fp32 {peaks_before['fp32']:.0f} GFLOP/s, bf16 {peaks_before['bf16']:.0f} GFLOP/s")
@@ -244,7 +247,7 @@ def main() -> None:
     for r in rows:  # percentages against the best peak seen in this run
         r["pct_fp32_peak"] = 100 * r["gflops"] / best["fp32"]
         r["pct_bf16_peak"] = 100 * r["gflops"] / best["bf16"]
-    result = dict(cpu=cpu_name(), threads=args.threads, torch=torch.__version__, peaks_before=peaks_before,
+    result = dict(cpu=cpu_name(), threads=args.threads, load=(load_start, os.getloadavg()[0]), torch=torch.__version__, peaks_before=peaks_before,
                   peaks_after=peaks_after, rows=rows, models=models, seconds=time.perf_counter() - t_start)
     out_dir = REPO / "bench" / "out"
     out_dir.mkdir(parents=True, exist_ok=True)

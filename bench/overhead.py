@@ -159,18 +159,62 @@ def service_saturated(model: Model, backend: str, precision: str, clients: int, 
     return {"completed": len(stamps), "images_per_s": _rate(stamps, warmup)}
 
 
-def compare(model: Model, engine_factory, backend: str, precision: str, clients: int, total: int, warmup: int,
+def engine_alone_subprocess(model: Model, backend: str, precision: str, clients: int, total: int, warmup: int,
+                            max_rows: int) -> dict:
+    """engine_alone in a fresh process (as fresh as the service's), torch called from a non-main thread."""
+    cmd = [sys.executable, "-m", "bench.overhead", "--model-dir", str(model.root), "--backend", backend,
+           "--precision", precision, "--clients", str(clients), "--total", str(total), "--warmup", str(warmup),
+           "--max-rows", str(max_rows)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"engine-alone run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(model: Model, backend: str, precision: str, clients: int, total: int, warmup: int,
             max_rows: int, rounds: int = 1) -> dict:
     """Alternates engine-alone and service runs `rounds` times; overhead = 1 - service / engine."""
     eng_rates, svc_rates = [], []
-    engine = engine_factory()
     for r in range(rounds):
         log(f"[overhead] {model.key} round {r + 1}/{rounds}: engine alone")
-        eng_rates.append(engine_alone(model, engine, clients, total, warmup, max_rows)["images_per_s"])
+        eng_rates.append(engine_alone_subprocess(model, backend, precision, clients, total, warmup,
+                                                 max_rows)["images_per_s"])
         log(f"[overhead] {model.key} round {r + 1}/{rounds}: service")
         svc_rates.append(service_saturated(model, backend, precision, clients, total, warmup, max_rows)["images_per_s"])
-    engine.close()
     e, s = max(eng_rates), max(svc_rates)
     return {"backend": f"{backend} {precision}", "clients": clients, "requests": total, "warmup": warmup,
             "max_rows": max_rows, "engine_images_per_s": eng_rates, "service_images_per_s": svc_rates,
             "overhead_pct": 100 * (1 - s / e)}
+
+
+def _cli() -> None:
+    import argparse
+
+    from bench.common import in_thread
+    from engines import load_engine
+    from model.bundle import load_bundle
+
+    p = argparse.ArgumentParser(description="engine alone at saturation (in-process scheduler + runner)")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--total", type=int, default=96)
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--max-rows", type=int, default=16)
+    a = p.parse_args()
+    torch.set_num_threads(THREADS)
+    b = load_bundle(a.model_dir)
+    m = Model("cli", b.spec.name, a.model_dir, b, b.spec.presets[b.spec.default_preset])
+
+    def go():
+        eng = load_engine(b, a.backend, "cpu", a.precision, max_rows=a.max_rows)
+        engine_alone(m, eng, 2, 2, 0, a.max_rows)  # warm-up, as the service's first request
+        return engine_alone(m, eng, a.clients, a.total, a.warmup, a.max_rows)
+
+    print(json.dumps(in_thread(go)), flush=True)
+
+
+if __name__ == "__main__":
+    _cli()
