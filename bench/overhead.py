@@ -29,8 +29,8 @@ from service.scheduler import Scheduler
 
 def _rate(stamps: list[float], warmup: int) -> float:
     stamps = sorted(stamps)
-    if len(stamps) <= warmup + 1:
-        raise RuntimeError("too few completions to measure a rate")
+    if len(stamps) <= warmup + 1 or stamps[-1] <= stamps[warmup]:
+        return float("nan")
     return (len(stamps) - 1 - warmup) / (stamps[-1] - stamps[warmup])
 
 

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PRESET = "quick"  # the tiny bundle's default (6 points); slow requests override steps
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Outcome:
     class_id: int
     seed: int
     preset: str
+    steps: int | None = None  # a steps override (the slow requests), else the preset's
     accepted: bool = False
     kind: str = "pending"  # ok | error | lost | refused
     status: int | None = None
@@ -78,7 +80,8 @@ class Config:
     max_requests: int = 5000
     think_ms: float = 40.0
     repeat_fraction: float = 0.3
-    long_fraction: float = 0.25
+    slow_fraction: float = 0.2
+    slow_steps: int = 40
     request_timeout_s: float = 30.0
     visibility_timeout_ms: int = 1500
     heartbeat_interval_s: float = 0.3
@@ -118,23 +121,25 @@ class Client(threading.Thread):
         self.http = httpx.Client(timeout=httpx.Timeout(cfg.request_timeout_s + 15, connect=5))
         self.deadline_s = cfg.request_timeout_s + 15  # a request unanswered this long is lost
 
-    def next_triple(self, n: int) -> tuple[int, int, str]:
+    def next_triple(self, n: int) -> tuple[int, int, int | None]:
         if self.hot and self.rng.random() < self.cfg.repeat_fraction:
             return self.rng.choice(self.hot)
-        preset = "long" if self.rng.random() < self.cfg.long_fraction else "quick"
-        return n % 10, 100_000 + n, preset  # n is unique across clients: a distinct triple
+        steps = self.cfg.slow_steps if self.rng.random() < self.cfg.slow_fraction else None
+        return n % 10, 100_000 + n, steps  # n is unique across clients: a distinct request
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             n = next(self.counter)
             if n >= self.cfg.max_requests:
                 return
-            class_id, seed, preset = self.next_triple(n)
+            class_id, seed, steps = self.next_triple(n)
             endpoint = "generate" if self.rng.random() < 0.5 else "jobs"
-            o = Outcome(n, endpoint, class_id, seed, preset, started=time.time())
+            o = Outcome(n, endpoint, class_id, seed, PRESET, steps, started=time.time())
             with self.lock:
                 self.out.append(o)
-            body = {"class_label": class_id, "seed": seed, "preset": preset}
+            body = {"class_label": class_id, "seed": seed, "preset": PRESET}
+            if steps:
+                body["steps"] = steps
             try:
                 (self.do_generate if endpoint == "generate" else self.do_jobs)(o, body)
             except Exception as err:  # noqa: BLE001 - a client bug must not hide as a service failure
@@ -339,7 +344,7 @@ class Chaos:
             for t in starters:
                 t.join(120)
             r = server.client()
-            hot = [(c, 7_000 + c, "long" if c % 3 == 0 else "quick") for c in range(6)]
+            hot = [(c, 7_000 + c, cfg.slow_steps if c % 3 == 0 else None) for c in range(6)]
             counter = iter(range(10**9))
             lock = threading.Lock()
             clients = [Client(i, api.url, cfg, stop, outcomes, lock, counter, hot) for i in range(cfg.threads)]
@@ -428,25 +433,25 @@ class Chaos:
         from model.generate import generate
 
         oks = [o for o in outcomes if o.kind == "ok"]
-        triples = sorted({(o.class_id, o.seed, o.preset) for o in oks})
+        triples = sorted({(o.class_id, o.seed, o.preset, o.steps or 0) for o in oks})
         ref: dict[tuple, np.ndarray] = {}
         by_preset = defaultdict(list)
         for t in triples:
-            by_preset[t[2]].append(t)
-        for preset, ts in by_preset.items():
-            images = generate(bundle, [t[0] for t in ts], [t[1] for t in ts], bundle.spec.presets[preset],
-                              batch_size=64)
+            by_preset[(t[2], t[3])].append(t)
+        for (preset, steps), ts in by_preset.items():
+            sampler = bundle.spec.presets[preset].replace(num_steps=steps or None)
+            images = generate(bundle, [t[0] for t in ts], [t[1] for t in ts], sampler, batch_size=64)
             ref.update({t: np.asarray(img) for t, img in zip(ts, images, strict=True)})
         worst = float("inf")
         same: dict[tuple, list[np.ndarray]] = defaultdict(list)
         for o in oks:
             img = decode_png(o.png)
-            want = ref[(o.class_id, o.seed, o.preset)]
+            want = ref[(o.class_id, o.seed, o.preset, o.steps or 0)]
             p = psnr(img, want) if img.shape == want.shape else -1.0
             worst = min(worst, p)
             if p < 40:
                 o.bad = f"PSNR {p:.1f} dB vs the offline reference"
-            same[(o.class_id, o.seed, o.preset)].append(img)
+            same[(o.class_id, o.seed, o.preset, o.steps or 0)].append(img)
         differing = 0
         for imgs in same.values():
             if any(not np.array_equal(imgs[0], im) for im in imgs[1:]):

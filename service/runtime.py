@@ -53,15 +53,19 @@ class EmbeddedRedis:
 def load_model(settings: Settings):
     """(runner, bundle spec, version, engine info) for the bundle in settings.model_dir.
 
-    For TensorRT, the engines are (re)built first when they are missing or stale.
+    For ONNX Runtime and TensorRT, the artifacts are (re)built first when missing or stale.
     """
     from engines import load_engine
     from model.bundle import load_bundle
     from service.runner import Runner
 
-    if settings.backend == "tensorrt":
-        subprocess.run([sys.executable, str(REPO_ROOT / "build_engine.py"), "--model-dir", str(settings.model_dir),
-                        "--output-dir", str(settings.engine_dir), "--if-stale"], check=True)
+    if settings.backend in ("onnxruntime", "tensorrt"):
+        # Export (and for TensorRT, build) the engines when missing or stale; a no-op otherwise.
+        rc = subprocess.run([sys.executable, str(REPO_ROOT / "build_engine.py"), "--model-dir",
+                             str(settings.model_dir), "--output-dir", str(settings.engine_dir), "--if-stale"]).returncode
+        ok = {0, 3} if settings.backend == "onnxruntime" else {0}  # 3: ONNX only, TensorRT skipped
+        if rc not in ok:
+            raise SystemExit(f"build_engine.py failed (exit {rc}) for backend {settings.backend}")
     bundle = load_bundle(settings.model_dir)
     engine = load_engine(
         bundle, backend=settings.backend, device=settings.device, precision=settings.precision,
