@@ -126,7 +126,7 @@ def plot(result: dict, path: Path) -> None:
 
     models = list(result["models"].items())
     fig, axes = plt.subplots(1, 2 * len(models), figsize=(6 * 2 * len(models), 4), squeeze=False)
-    for k, (key, m) in enumerate(models):
+    for k, (_key, m) in enumerate(models):
         ax_lat, ax_thr = axes[0][2 * k], axes[0][2 * k + 1]
         for mode, color in (("step", "tab:blue"), ("request", "tab:orange")):
             rs = [r for r in m["runs"] if r["batching"] == mode]

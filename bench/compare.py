@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench import offline, overhead  # noqa: E402
-from bench.common import (  # noqa: E402
-    REPO, best_of, gemm_peaks, in_thread, load_model, log, machine, rows_per_image, setup_threads)
+from bench.common import REPO, best_of, gemm_peaks, in_thread, load_model, log, machine, rows_per_image, setup_threads  # noqa: E402
 
 
 def forward_gflops(model, precision: str, rows: int, flops_row: int, repeats: int) -> float:
@@ -120,7 +119,7 @@ def markdown(res: dict) -> str:
              f"bf16 {peak['bf16']:.0f} GFLOP/s (before {res['peaks_before']['fp32']:.0f}/"
              f"{res['peaks_before']['bf16']:.0f}, after {res['peaks_after']['fp32']:.0f}/"
              f"{res['peaks_after']['bf16']:.0f}).", ""]
-    for key, e in res["models"].items():
+    for _key, e in res["models"].items():
         lines += [f"### {e['label']}", "", f"{e['note']}. Preset {e['preset']}; {e['gflop_per_row']:.3f} GFLOP per "
                   f"DiT row; rows per image: official {e['rows_per_image']['official']}, ours "
                   f"{e['rows_per_image']['ours']}.", ""]

@@ -117,7 +117,7 @@ def compare(model: Model, official_images: int, our_images: int, batch: int, eng
         res[name] = run_ours(model, eng, our_images, batch, name)
         eng.close()
     base = res["official fp32"]["images_per_s"]
-    for name, r in res.items():
+    for r in res.values():
         r["speedup"] = r["images_per_s"] / base
         r["gflops_per_s"] = r["rows"] * flops_row / r["seconds"] / 1e9
         r["max_abs_diff_vs_official"] = float((r.pop("first").float() - ref).abs().max())

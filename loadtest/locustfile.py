@@ -19,7 +19,7 @@ import os
 import random
 import struct
 
-from locust import FastHttpUser, LoadTestShape, events, task
+from locust import FastHttpUser, LoadTestShape, constant, events, task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MODEL: dict = {}
@@ -51,7 +51,7 @@ def png_size(body: bytes) -> tuple[int, int] | None:
 class GenerateUser(FastHttpUser):
     """One user: POST /generate, wait for the image, repeat (a closed loop, no think time)."""
 
-    wait_time = None  # back-to-back requests: the service's queue sets the pace
+    wait_time = constant(0)  # back-to-back requests: the service's queue sets the pace
     network_timeout = 300.0
     connection_timeout = 30.0
 
