@@ -27,20 +27,21 @@ from model.train_vae import VAETrainConfig, train_vae
 
 log = logging.getLogger("model.demo")
 
-# 4 latent channels: the release's CFG rule (channels 0..2) then guides 3 of 4,
-# so the bundle keeps the official sampler; see docs/demo-model.md.
+# 4 latent channels: the release's CFG rule (guide channels 0..2 only, `cfg_channels=3`)
+# then guides 3 of the 4, so the demo keeps the official sampler semantics. On held-out
+# seeds it scored as well as all-channel guidance (docs/demo-model.md).
 LATENT_CHANNELS = 4
 
-# Tuned on held-out seeds (1000..) with bench/demo_quality.py --tune.
-DIGITS_PRESET = SamplerPreset(num_steps=16, cfg_scale=2.0, cfg_interval_start=None, timestep_shift=0.0, cfg_channels=None)
+# Chosen on held-out seeds (1000..) with bench/demo_quality.py; the gate uses seeds 0..99.
+DIGITS_PRESET = SamplerPreset(num_steps=16, cfg_scale=3.0, cfg_interval_start=None, timestep_shift=0.0, cfg_channels=3)
 
-VAE_CONFIG = VAETrainConfig(data="digits", embed_dim=LATENT_CHANNELS, steps=300, batch_size=64, lr=1e-3)
+VAE_CONFIG = VAETrainConfig(data="digits", embed_dim=LATENT_CHANNELS, steps=400, batch_size=64, lr=1e-3)
 
 DIT_CONFIG = TrainConfig(
     data="",  # filled in by run()
     hidden_size=128, depth=4, num_heads=4,
-    steps=900, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup=50,
-    # The release's 0.9999 suits 80k steps; over 900 steps it would still be mostly the
+    steps=1000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup=50,
+    # The release's 0.9999 suits 80k steps; over 1000 steps it would still be mostly the
     # (zero-output, adaLN-Zero) initial weights. 0.99 averages roughly the last 100 steps.
     ema_decay=0.99,
     presets={"digits": DIGITS_PRESET.to_dict(), **{k: p.to_dict() for k, p in PRESETS.items()}},
