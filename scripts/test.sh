@@ -4,13 +4,18 @@
 # in their own venv (.venv-deploy). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh dev
-if ! command -v redis-server >/dev/null 2>&1; then
+./scripts/setup.sh dev,loadtest
+# Debian packages the tests run for real: Redis 7, and headless Chromium for the playground page.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-      || echo "warning: could not install redis-server; its tests will be skipped" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "warning: could not install ${missing[*]}; the tests that need them will be skipped" >&2
   else
-    echo "warning: redis-server not installed and not root; its tests will be skipped" >&2
+    echo "warning: ${missing[*]} not installed and not root; the tests that need them will be skipped" >&2
   fi
 fi
 if [ -x .ci/deploy_checks.sh ] && [ "${LDIT_SKIP_DEPLOY_CHECKS:-0}" != 1 ]; then

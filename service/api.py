@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,6 +97,9 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): bad input like any other
+            return error(422, "invalid_request", "the body is not valid JSON",
+                         [{"field": "body", "message": str(exc.detail), "type": "json_invalid"}])
         return error(exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(AuthError)
@@ -280,7 +283,8 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return error(503, "not_ready", "no worker with a fresh heartbeat and a loaded engine")
         return {"status": "ready", "workers": len(fresh), "model_versions": sorted({w["model_version"] for w in fresh})}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
     async def prometheus(request: Request):
         try:
             metrics.PENDING_REQUESTS.set(await request.app.state.redis.xlen(keys.stream))

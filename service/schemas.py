@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import math
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
 
 from model.bundle import BundleSpec
 from model.sampling import SamplerPreset
@@ -13,18 +14,43 @@ from model.sampling import SamplerPreset
 MAX_SEED = 2**63
 
 
+def _json_int(value):
+    """Integers as JSON Schema means them: 7 and 7.0, never true/false or "7"."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        value = int(value)
+    return value
+
+
+def _json_number(value):
+    """Numbers as JSON means them: never true/false or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a number")
+    return value
+
+
+def json_int(**bounds):
+    # The bounds go before the validator: pydantic then publishes them as minimum/maximum.
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_int)]
+
+
+def json_number(**bounds):
+    return Annotated[float, Field(**bounds), BeforeValidator(_json_number)]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    class_label: StrictInt | StrictStr = Field(description="Class id, or a class name of this model.")
-    seed: StrictInt = Field(ge=0, lt=MAX_SEED, description="Seed of the initial noise.")
+    class_label: json_int() | StrictStr = Field(description="Class id, or a class name of this model.")
+    seed: json_int(ge=0, lt=MAX_SEED) = Field(description="Seed of the initial noise.")
     preset: StrictStr | None = Field(None, max_length=64, description="Sampler preset; default: the model's.")
-    steps: StrictInt | None = Field(None, ge=2, le=1000, description="Time-grid points (N points = N-1 steps).")
-    cfg_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=100, description="CFG scale (<= 1: off).")
-    cfg_interval_start: StrictFloat | StrictInt | None = Field(
-        None, ge=0, le=1, description="Guide only from this t (0 = noise) on."
-    )
-    timestep_shift: StrictFloat | StrictInt | None = Field(None, ge=0, le=10, description="Grid shift (0: none).")
+    steps: json_int(ge=2, le=1000) | None = Field(None, description="Time-grid points (N points = N-1 steps).")
+    cfg_scale: json_number(ge=0, le=100) | None = Field(None, description="CFG scale (<= 1: off).")
+    cfg_interval_start: json_number(ge=0, le=1) | None = Field(None, description="Guide only from this t (0 = noise) on.")
+    timestep_shift: json_number(ge=0, le=10) | None = Field(None, description="Grid shift (0: none).")
 
 
 class FieldError(ValueError):
