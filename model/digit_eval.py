@@ -57,11 +57,14 @@ def fit_pca(x: np.ndarray, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
     return mean, vt[:dim]
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets [N, D]."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    # Some digit pixels are always blank, so the covariances are singular; a tiny
+    # ridge (as pytorch-fid does in that case) keeps the matrix square root stable.
+    ridge = eps * np.eye(len(s_a))
+    covmean = linalg.sqrtm((s_a + ridge) @ (s_b + ridge))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
