@@ -31,13 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engines.random_bundle import DEMO_DIT, DEMO_VAE_DDCONFIG, make_random_bundle, perturb_  # noqa: E402
+from bench.common import make_b1_bundle as common_b1_bundle  # noqa: E402
+from engines.random_bundle import DEMO_DIT, DEMO_VAE_DDCONFIG, make_random_bundle  # noqa: E402
 from engines.torch_backend import TorchEngine  # noqa: E402
-from model.bundle import load_bundle, write_bundle  # noqa: E402
-from model.latents import LatentStats  # noqa: E402
-from model.lightningdit import LightningDiT, lightningdit_config  # noqa: E402
+from model.bundle import load_bundle  # noqa: E402
 from model.sampling import SamplerPreset, initial_noise, sample  # noqa: E402
-from model.vavae import VAVAE  # noqa: E402
 
 # f4 decoder with 32 latent channels for B/1's 16x16x32 latents (64x64 images), as small as the demo's.
 B1_VAE_DDCONFIG = dict(DEMO_VAE_DDCONFIG, z_channels=32, attn_resolutions=[16])
@@ -74,16 +72,7 @@ def count_flops(fn) -> int:
 
 
 def make_b1_bundle(root: Path) -> Path:
-    cfg = lightningdit_config("LightningDiT-B/1")
-    torch.manual_seed(0)
-    dit = LightningDiT(**cfg).eval()
-    perturb_(dit, 1, big=0.05, small=0.02)
-    vae = VAVAE(32, B1_VAE_DDCONFIG).eval()
-    perturb_(vae, 2, big=0.02, small=0.02)
-    stats = LatentStats(torch.zeros(32), torch.ones(32))
-    preset = SamplerPreset(num_steps=6, cfg_scale=4.0, cfg_interval_start=0.1, timestep_shift=0.3)
-    return write_bundle(root, dit, cfg, vae, stats, name="B1-random", class_names=[str(i) for i in range(1000)],
-                        presets={"bench": preset}, default_preset="bench")
+    return common_b1_bundle(root, SamplerPreset(num_steps=6, cfg_scale=4.0, cfg_interval_start=0.1, timestep_shift=0.3))
 
 
 def engines_for(bundle, with_ort: bool, tmp: Path, max_rows: int) -> dict:

@@ -23,6 +23,7 @@ import torch
 
 from bench.common import REPO, THREADS, Model, log, progress
 from service.jobs import Job
+from service.launcher import start_service
 from service.runner import Runner
 from service.scheduler import Scheduler
 
@@ -66,40 +67,6 @@ def engine_alone(model: Model, engine, clients: int, total: int, warmup: int, ma
                 bar.update(len(done))
     bar.close()
     return {"completed": len(stamps), "images_per_s": _rate(stamps, warmup)}
-
-
-def start_service(model: Model, env: dict[str, str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    full = {**os.environ, "LDIT_PORT": "0", "LDIT_HOST": "127.0.0.1", "LDIT_LOG_LEVEL": "warning",
-            "LDIT_MODEL_DIR": str(model.root), "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    found: list[str] = []
-    lines: list[str] = []
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("LDIT_LISTENING") and not found:
-                found.append(line.split()[1])
-
-    threading.Thread(target=pump, daemon=True).start()
-    end = time.monotonic() + timeout
-    while not found:
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise RuntimeError("service did not start:\n" + "".join(lines[-30:]))
-        time.sleep(0.05)
-    return proc, found[0]
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def http_clients(url: str, clients: int, total: int, num_classes: int, seed_base: int,
@@ -148,14 +115,15 @@ def service_saturated(model: Model, backend: str, precision: str, clients: int, 
                       max_rows: int) -> dict:
     env = {"LDIT_BACKEND": backend, "LDIT_PRECISION": precision, "LDIT_MAX_BATCH_SIZE": str(max_rows),
            "LDIT_MAX_QUEUE_LENGTH": str(max(256, 4 * clients)), "LDIT_REQUEST_TIMEOUT_S": "3600"}
-    proc, url = start_service(model, env)
+    svc = start_service("all", {"LDIT_MODEL_DIR": str(model.root), "OMP_NUM_THREADS": str(THREADS), **env})
+    url = svc.url
     try:
         # one request first: loads lazily-built kernels outside the measured window
         http_clients(url, 1, 1, model.bundle.spec.num_classes, seed_base=10_000_000)
         stamps = http_clients(url, clients, total, model.bundle.spec.num_classes,
                               seed_base=int(time.time()) % 1_000_000 * 1000)
     finally:
-        stop_service(proc)
+        svc.stop()
     return {"completed": len(stamps), "images_per_s": _rate(stamps, warmup)}
 
 

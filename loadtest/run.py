@@ -20,11 +20,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
+
+from service.launcher import start_service
 
 REPO = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -36,39 +37,6 @@ def log(msg: str) -> None:
 
 
 # -- the service ------------------------------------------------------------------------------
-def start_service(env: dict[str, str], timeout: float = 300) -> tuple[subprocess.Popen, str, list[str]]:
-    full = {**os.environ, "LDIT_PORT": "0", "LDIT_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    lines: list[str] = []
-    url: list[str] = []
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("LDIT_LISTENING") and not url:
-                url.append(line.split()[1])
-
-    threading.Thread(target=pump, daemon=True).start()
-    end = time.monotonic() + timeout
-    while not url:
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise RuntimeError("the service did not start:\n" + "".join(lines[-30:]))
-        time.sleep(0.05)
-    return proc, url[0], lines
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def get(url: str, timeout: float = 30) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only (checked)
         return resp.read()
@@ -255,7 +223,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.duration, a.max_users, a.step_users, a.step_seconds = 30.0, 6, 2, 10.0
     a.out.mkdir(parents=True, exist_ok=True)
-    proc = None
+    svc = None
     if a.url:
         host = urlparse(a.url).hostname
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -266,7 +234,8 @@ def main(argv=None) -> int:
         if a.model_dir:
             env["LDIT_MODEL_DIR"] = str(Path(a.model_dir).resolve())
         log("starting python -m service ...")
-        proc, url, _ = start_service(env)
+        svc = start_service("all", env)
+        url = svc.url
         log(f"service at {url}")
     try:
         model = json.loads(get(url + "/v1/model"))
@@ -276,8 +245,8 @@ def main(argv=None) -> int:
         wall = time.time() - t0
         after = scrape(url)
     finally:
-        if proc is not None:
-            stop_service(proc)
+        if svc is not None:
+            svc.stop()
     text = report(a.out, a, url, model, before, after, rc, wall)
     log(text)
     log(f"report: {a.out / 'report.md'}")

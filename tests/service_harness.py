@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -21,6 +18,8 @@ from model.latents import LatentStats
 from model.lightningdit import LightningDiT
 from model.sampling import SamplerPreset
 from model.vavae import VAVAE
+from service.launcher import ServiceProcess
+from service.launcher import start_service as launch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,45 +119,6 @@ def start_redis(kind: str) -> RedisServer:
     return RedisServer(f"unix://{lite.socket_file}", kind, lite=lite, workdir=workdir)
 
 
-@dataclass
-class ServiceProcess:
-    proc: subprocess.Popen
-    role: str
-    url: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    def wait_for(self, prefix: str, timeout: float = 90) -> str:
-        end = time.time() + timeout
-        while time.time() < end:
-            for line in list(self.lines):
-                if line.startswith(prefix):
-                    return line
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.role} exited with {self.proc.returncode}:\n" + "".join(self.lines[-40:]))
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.role} did not print {prefix!r}:\n" + "".join(self.lines[-40:]))
-
-    def stop(self, sig: str = "term", timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.kill() if sig == "kill" else self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-
 def start_service(role: str, env: dict[str, str]) -> ServiceProcess:
-    """Start `python -m service ROLE` with LDIT_* settings; returns once it is listening/ready."""
-    full_env = {**os.environ, "LDIT_PORT": "0", "LDIT_HOST": "127.0.0.1", "LDIT_LOG_LEVEL": "warning",
-                "LDIT_METRICS_PORT": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-    args = [sys.executable, "-m", "service"] + ([] if role == "all" else [role])
-    proc = subprocess.Popen(args, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
-    sp = ServiceProcess(proc, role)
-    threading.Thread(target=lambda: [sp.lines.append(line) for line in proc.stdout], daemon=True).start()
-    if role == "worker":
-        sp.wait_for("LDIT_WORKER_READY")
-    else:
-        sp.url = sp.wait_for("LDIT_LISTENING").split()[1]
-    return sp
+    """The service as a child process; one OpenMP thread each, as several share 2 cores in tests."""
+    return launch(role, {"OMP_NUM_THREADS": "1", **env})
