@@ -42,6 +42,20 @@ def real_halves_fd() -> float:
     return frechet_distance((a - mean) @ comps.T, (b - mean) @ comps.T)
 
 
+@torch.no_grad()
+def vae_reconstruction_fd(bundle_dir: Path) -> float:
+    """The same distance for VA-VAE reconstructions of the real digits: the floor the VAE sets."""
+    from model.demo_data import digits_to_images, images_to_digits, load_digits_8x8
+    from model.latents import to_uint8
+
+    vae = load_bundle(bundle_dir, with_encoder=True).vae
+    raw, _ = load_digits_8x8()
+    recon = to_uint8(vae.decode(vae.encode(digits_to_images(raw), sample=False)))
+    x, _ = real_digits()
+    mean, comps = fit_pca(x, 64)
+    return frechet_distance((x - mean) @ comps.T, (images_to_digits(recon) - mean) @ comps.T)
+
+
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -61,6 +75,7 @@ def evaluate(bundle_dir: Path, preset_name: str | None, per_class: int, first_se
         "bundle": str(bundle_dir), "version": manifest.get("version"), "preset": name, "preset_fields": preset.to_dict(),
         "images": len(labels), "seeds": f"{first_seed}..{first_seed + per_class - 1} per class",
         **result, "frechet_pca64_real_halves": real_halves_fd(),
+        "frechet_pca64_vae_reconstructions": vae_reconstruction_fd(bundle_dir),
         "generate_seconds": round(gen_s, 1), "torch_threads": torch.get_num_threads(),
         "dit_parameters": count(bundle.dit), "vae_decoder_parameters": count(bundle.vae.decoder)
         + count(bundle.vae.post_quant_conv),
