@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -82,6 +83,18 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     if settings.cors_origins.strip():
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        """One structured line per request (info level: off by default), keyed by the request id."""
+        start = time.perf_counter()
+        response = await call_next(request)
+        if not response.headers.get("X-Request-Id"):
+            response.headers["X-Request-Id"] = uuid.uuid4().hex
+        log.info("request", extra={
+            "request_id": response.headers["X-Request-Id"], "method": request.method, "path": request.url.path,
+            "status": response.status_code, "ms": round(1000 * (time.perf_counter() - start), 1)})
+        return response
 
     # -- errors: always JSON, never a stack trace ---------------------------------------
     @app.exception_handler(RequestValidationError)

@@ -210,7 +210,7 @@ class Worker:
             if deliveries > self.s.max_deliveries:
                 self._dead_letter(job, f"delivered {deliveries} times without completing")
             else:
-                log.info("reclaimed job", extra={"job": job.id, "deliveries": deliveries})
+                log.info("reclaimed job", extra={"request_id": job.id, "deliveries": deliveries})
                 self.waiting.appendleft(job)  # it is older than anything read since
 
     def _expire(self, now: float) -> None:
@@ -330,7 +330,7 @@ class Worker:
         if reason == "timeout":
             metrics.EXPIRED.inc()
         self._end(job, {"status": "failed", "error": reason, "message": message})
-        log.info("job failed", extra={"job": job.id, "reason": reason})
+        log.info("job failed", extra={"request_id": job.id, "reason": reason})
 
     def _dead_letter(self, job: Job, why: str) -> None:
         self.r.xadd(self.keys.dead_letters, {**job.to_fields(), "error": why}, maxlen=10000, approximate=True)
