@@ -355,8 +355,9 @@ class Worker:
         return [i for i in (*self._held, *finishing) if i]
 
     def _heartbeat_loop(self) -> None:
+        """Beat at once (readiness), then every interval until stopped and drained."""
         last = time.monotonic()
-        while not self.stop_event.wait(self.s.heartbeat_interval_s) or self.scheduler.active:
+        while True:
             try:
                 self.heartbeat()
                 now = time.monotonic()
@@ -366,7 +367,7 @@ class Worker:
                 last = now
             except Exception:  # noqa: BLE001 - Redis may be restarting; try again next beat
                 log.warning("heartbeat failed", exc_info=True)
-            if self.stop_event.is_set() and not self.scheduler.active:
+            if self.stop_event.wait(self.s.heartbeat_interval_s) and not self.scheduler.active:
                 break
 
     def heartbeat(self) -> None:
