@@ -106,7 +106,10 @@ class Worker:
             self._drain()
         finally:
             self.pool.shutdown(wait=True)
-            self.r.delete(self.keys.heartbeat(self.name))
+            try:
+                self.r.delete(self.keys.heartbeat(self.name))
+            except redis.RedisError:  # it expires by itself
+                pass
             log.info("worker stopped", extra={"worker": self.name})
 
     def stop(self) -> None:
