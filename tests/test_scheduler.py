@@ -97,7 +97,7 @@ def test_unconditional_rows_only_inside_the_interval(bundle, runner):
     grid_t = [float(p.t[0]) for p in plans]
     rows = [p.rows for p in plans]
     assert rows == [2 if t >= 0.3 else 1 for t in grid_t]
-    assert 1 in rows and 2 in rows
+    assert {1, 2} <= set(rows)  # both phases happen
     assert len(plans) == PRESETS["interval"].num_steps - 1
 
 
