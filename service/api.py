@@ -169,16 +169,18 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         await pipe.execute()
         return None
 
-    async def job_status(r: aioredis.Redis, job_id: str) -> JobStatus | None:
+    async def job_record(r: aioredis.Redis, job_id: str) -> tuple[JobStatus, dict[str, str]] | None:
+        """The job's status and its raw fields (result `key`, `seed`), in one read."""
         data = await r.hgetall(keys.job(job_id))
         if not data:
             return None
         d = {k.decode(): v.decode() for k, v in data.items()}
         meta = json.loads(d["meta"]) if "meta" in d else {}
-        return JobStatus(id=job_id, status=d.get("status", "queued"), error=d.get("error"),
-                         message=d.get("message"), queue_ms=meta.get("queue_ms"),
-                         compute_ms=meta.get("compute_ms"), batch_size=meta.get("batch_size"),
-                         model_version=meta.get("model_version"))
+        st = JobStatus(id=job_id, status=d.get("status", "queued"), error=d.get("error"),
+                       message=d.get("message"), queue_ms=meta.get("queue_ms"),
+                       compute_ms=meta.get("compute_ms"), batch_size=meta.get("batch_size"),
+                       model_version=meta.get("model_version"))
+        return st, d
 
     def failure_response(st: JobStatus, endpoint: str) -> JSONResponse:
         metrics.REQUEST_FAILURE.labels(endpoint, st.error or "failed").inc()
@@ -213,10 +215,11 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
                 return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
         finally:
             waiter.forget(job.id)
-        st = await job_status(r, job.id)
-        if st is None or st.status != "done":
-            return failure_response(st or JobStatus(id=job.id, status="failed", error="lost"), "generate")
-        hit = await cached(r, (await r.hget(keys.job(job.id), "key")).decode())
+        record = await job_record(r, job.id)
+        if record is None or record[0].status != "done":
+            return failure_response(record[0] if record else JobStatus(id=job.id, status="failed", error="lost"),
+                                    "generate")
+        hit = await cached(r, record[1]["key"])  # the worker's key: the version that really made it
         if not hit:
             return error(500, "lost", "the result expired before it could be read")
         metrics.REQUEST_SUCCESS.labels("generate").inc()
@@ -231,8 +234,10 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         job = await make_job(req, reply_to="")
         if await cached(r, job.key):
             metrics.CACHE_HITS.inc()
-            await r.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed})
-            await r.expire(keys.job(job.id), settings.result_ttl_s)
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed})
+            pipe.expire(keys.job(job.id), settings.result_ttl_s)
+            await pipe.execute()
             status = "done"
         else:
             refused = await enqueue(r, job, "jobs")
@@ -243,29 +248,28 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
     async def get_job(job_id: str, request: Request, _caller: str = guard):
-        st = await job_status(request.app.state.redis, job_id[:64])
-        if st is None:
+        record = await job_record(request.app.state.redis, job_id[:64])
+        if record is None:
             return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
-        return st
+        return record[0]
 
     @app.get("/jobs/{job_id}/image", response_class=Response,
              responses={200: {"content": {PNG: {}}}, **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                         500: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def get_job_image(job_id: str, request: Request, _caller: str = guard):
         r = request.app.state.redis
-        st = await job_status(r, job_id[:64])
-        if st is None:
+        record = await job_record(r, job_id[:64])
+        if record is None:
             return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+        st, fields = record
         if st.status == "failed":
             return failure_response(st, "jobs")
         if st.status != "done":
             return error(409, "not_ready", f"job is {st.status}", headers={"Retry-After": "1"})
-        key = (await r.hget(keys.job(job_id), "key")).decode()
-        hit = await cached(r, key)
+        hit = await cached(r, fields["key"])
         if not hit:
             return error(404, "expired", "the image expired")
-        seed = int((await r.hget(keys.job(job_id), "seed")) or 0)
-        return png_response(hit[0], hit[1], job_id, seed, cached=False)
+        return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=False)
 
     @app.get("/", include_in_schema=False)
     async def playground():

@@ -126,8 +126,7 @@ class Worker:
         self._hot_swap()
         if self._swap is None:  # while a new model waits, the old one only finishes its samples
             was_active = bool(self.scheduler.active)
-            for sample in self.scheduler.admit_waiting(self.waiting):
-                self._on_admit(sample, was_active)
+            self._on_admit(self.scheduler.admit_waiting(self.waiting), was_active)
         self._step()
 
     def _hot_swap(self) -> None:
@@ -223,12 +222,18 @@ class Worker:
         for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
             self._fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
 
-    def _on_admit(self, sample: Sample, mid_flight: bool) -> None:
-        job = sample.job
-        metrics.QUEUE_DURATION.observe(max(0.0, sample.admitted_at - job.enqueued_at))
+    def _on_admit(self, samples: list[Sample], mid_flight: bool) -> None:
+        """Metrics and the `running` status of newly admitted samples: one Redis round trip."""
+        if not samples:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for sample in samples:
+            job = sample.job
+            metrics.QUEUE_DURATION.observe(max(0.0, sample.admitted_at - job.enqueued_at))
+            pipe.hset(self.keys.job(job.id), mapping={"status": "running", "worker": self.name})
         if mid_flight:
-            metrics.ADMITTED_MID_FLIGHT.inc()
-        self.r.hset(self.keys.job(job.id), mapping={"status": "running", "worker": self.name})
+            metrics.ADMITTED_MID_FLIGHT.inc(len(samples))
+        pipe.execute()
 
     # -- compute ------------------------------------------------------------------------
     def _step(self) -> None:
