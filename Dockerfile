@@ -26,6 +26,7 @@ COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY engines/ engines/
 COPY service/ service/
+COPY training/ training/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo pyth
 # Train the digits demo model from scratch (VA-VAE, latents, LightningDiT; about
 # 10-15 min on 2 shared CPU cores) and write the bundle to checkpoints/demo/.
 demo-model:
-	$(PYTHON) -m model.demo --out checkpoints/demo --work runs/demo
+	$(PYTHON) -m training.demo --out checkpoints/demo --work runs/demo
 
 .PHONY: bench bench-full
 

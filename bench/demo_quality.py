@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from model.bundle import load_bundle
-from model.digit_eval import (
+from model.sampling import SamplerPreset
+from training.digit_eval import (
     class_grid_requests,
     fit_classifier,
     fit_pca,
@@ -31,7 +32,6 @@ from model.digit_eval import (
     real_digits,
     score,
 )
-from model.sampling import SamplerPreset
 
 
 def real_halves_fd() -> float:
@@ -45,8 +45,8 @@ def real_halves_fd() -> float:
 @torch.no_grad()
 def vae_reconstruction_fd(bundle_dir: Path) -> float:
     """The same distance for VA-VAE reconstructions of the real digits: the floor the VAE sets."""
-    from model.demo_data import digits_to_images, images_to_digits, load_digits_8x8
     from model.latents import to_uint8
+    from training.demo_data import digits_to_images, images_to_digits, load_digits_8x8
 
     vae = load_bundle(bundle_dir, with_encoder=True).vae
     raw, _ = load_digits_8x8()

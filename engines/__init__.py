@@ -1,4 +1,6 @@
-"""Runtime backends behind one interface (`engines.base.Engine`), and `load_engine` to pick one.
+"""Runtime backends behind one interface (`engines.base.Engine`), `load_engine` to pick one, and the
+ONNX export and TensorRT build that `build_engine.py` drives.
+May import `model`; never `service` or `training`.
 
 Backends:
 * "torch": the bundle's PyTorch modules (CPU or CUDA; fp32, bf16, fp16 on CUDA;

@@ -4,7 +4,7 @@
     <dir>/<dit checkpoint>      .safetensors (EMA weights) or an official .pt
     <dir>/<vae checkpoint>      .safetensors or the official VA-VAE .pt
     <dir>/<latent stats>        .safetensors or the official latents_stats.pt
-    <dir>/manifest.json         optional: hashes, training step (written by model.train)
+    <dir>/manifest.json         optional: hashes, training step (written by training.train)
 
 model.json keys: `name`, `dit` {`config`, `checkpoint`}, `vae` {`embed_dim`,
 `ddconfig`, `checkpoint`}, `latent_stats`, `latent_multiplier`, `class_names`

@@ -1,7 +1,7 @@
 """Reading and writing checkpoints in the official layouts, strictly.
 
 DiT files: `{"ema": sd, ...}`, `{"model": sd, "ema": sd, "opt": ..., "config": ...}`
-(as `train.py` writes) or a bare state dict; EMA weights win; a DDP `module.`
+(as `training/train.py` writes) or a bare state dict; EMA weights win; a DDP `module.`
 prefix is stripped. VA-VAE files: `{"state_dict": sd}` (Lightning) or bare; only
 `encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*` are kept and then
 loaded strictly (the official non-strict load silently loads nothing from a

@@ -1,6 +1,6 @@
 """VA-VAE: the LDM/taming AutoencoderKL used by LightningDiT (facts file, section 4).
 
-Only the autoencoder is here; the DINOv2 alignment lives in `model.train_vae`.
+Only the autoencoder is here; the DINOv2 alignment lives in `training.train_vae`.
 Names match the official state dict: `encoder.*`, `quant_conv.*`,
 `post_quant_conv.*`, `decoder.*`.
 """

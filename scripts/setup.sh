@@ -24,4 +24,4 @@ pip_quiet() {  # pip, with its output shown only when it fails
 spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 pip_quiet -e "$spec"
-.venv/bin/python -c "import torch, model, engines, service" >/dev/null
+.venv/bin/python -c "import torch, model, engines, service, training" >/dev/null

@@ -1,6 +1,6 @@
 """Notices a new checkpoint published into the model directory.
 
-`model.train` writes a bundle's weights first and its `manifest.json` last (each
+`training.train` writes a bundle's weights first and its `manifest.json` last (each
 file atomically), so a changed manifest means a complete new bundle. Both the
 API (for /v1/model and the result-cache key) and the worker (to hot-swap its
 engine) watch the same files; a check is one `stat` at most every `interval_s`.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from model.bundle import load_bundle
-from model.digit_eval import class_grid_requests, fit_classifier, generate_digits, real_digits, score
+from training.digit_eval import class_grid_requests, fit_classifier, generate_digits, real_digits, score
 
 DEMO = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
 
@@ -36,7 +36,7 @@ def test_demo_bundle_describes_the_digits_model(bundle):
 
 def test_the_classifier_recognises_real_digits_after_the_round_trip():
     # the 8x8 -> 32x32 -> 8x8 path the generated images take must keep the digits recognisable
-    from model.demo_data import digits_to_images, images_to_digits, load_digits_8x8
+    from training.demo_data import digits_to_images, images_to_digits, load_digits_8x8
 
     raw, labels = load_digits_8x8()
     clf = fit_classifier(*real_digits())

@@ -21,15 +21,15 @@ from safetensors.torch import load_file
 
 from model.bundle import load_bundle
 from model.checkpoints import VAE_PREFIXES, load_dit_weights
-from model.ema import create_ema, update_ema
-from model.extract_latents import load_latent_dataset
-from model.extract_latents import main as extract_main
 from model.lightningdit import RELEASE_OPTIONS, LightningDiT
-from model.objective import flow_matching_loss, interpolate, sample_logit_normal
 from model.sampling import SamplerPreset, sample
-from model.train import TrainConfig, train
-from model.train_vae import VAETrainConfig, train_vae
-from model.vf_loss import PatchPCAExtractor, VFLoss, adaptive_weight
+from training.ema import create_ema, update_ema
+from training.extract_latents import load_latent_dataset
+from training.extract_latents import main as extract_main
+from training.objective import flow_matching_loss, interpolate, sample_logit_normal
+from training.train import TrainConfig, train
+from training.train_vae import VAETrainConfig, train_vae
+from training.vf_loss import PatchPCAExtractor, VFLoss, adaptive_weight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -271,7 +271,7 @@ def test_resume_continues_the_step_count_and_the_optimizer_state(latent_dir, vae
 def test_two_process_ddp_run_on_cpu(latent_dir, vae_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "model.train", "--data", str(latent_dir), "--vae-dir", str(vae_dir), "--out", str(tmp_path),
+           "-m", "training.train", "--data", str(latent_dir), "--vae-dir", str(vae_dir), "--out", str(tmp_path),
            "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "3", "--batch-size", "4",
            "--presets", json.dumps({"tiny": {"num_steps": 2}}), "--default-preset", "tiny", "--threads", "1", "-q"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """Train a VA-VAE: reconstruction + KL + the vision-foundation alignment (VF) loss.
 
-    python -m model.train_vae --data digits --out runs/vae
-    python -m model.train_vae --data path/to/imagenet_layout --image-size 256 --ch-mult 1 1 2 2 4 ...
+    python -m training.train_vae --data digits --out runs/vae
+    python -m training.train_vae --data path/to/imagenet_layout --image-size 256 --ch-mult 1 1 2 2 4 ...
 
 Writes <out>/vae.json ({"embed_dim", "ddconfig"}), <out>/vae.safetensors (official
 key names: encoder.*, decoder.*, quant_conv.*, post_quant_conv.*; the VF projection
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.checkpoints import save_json, save_safetensors, save_torch
-from model.image_grid import save_grid
 from model.latents import to_uint8
 from model.vavae import VAVAE
-from model.vf_loss import PatchPCAExtractor, VFLoss, adaptive_weight
+from training.image_grid import save_grid
+from training.vf_loss import PatchPCAExtractor, VFLoss, adaptive_weight
 
-log = logging.getLogger("model.train_vae")
+log = logging.getLogger("training.train_vae")
 
 
 @dataclass
@@ -71,11 +71,11 @@ class VAETrainConfig:
 
 def load_training_images(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     if data == "digits":
-        from model.demo_data import DIGIT_CLASSES, load_digits_images
+        from training.demo_data import DIGIT_CLASSES, load_digits_images
 
         images, labels = load_digits_images(image_size)
         return images, labels, list(DIGIT_CLASSES)
-    from model.image_folder import load_image_folder
+    from training.image_folder import load_image_folder
 
     return load_image_folder(data, image_size)
 

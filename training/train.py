@@ -1,9 +1,9 @@
 """Train a class-conditional LightningDiT on VA-VAE latents (rectified flow, as the release).
 
-    python -m model.train --data runs/latents --vae-dir runs/vae --out runs/dit
-    torchrun --nproc_per_node 2 -m model.train --data runs/latents --vae-dir runs/vae --out runs/dit
+    python -m training.train --data runs/latents --vae-dir runs/vae --out runs/dit
+    torchrun --nproc_per_node 2 -m training.train --data runs/latents --vae-dir runs/vae --out runs/dit
 
---data is a folder written by `python -m model.extract_latents`, or `digits`
+--data is a folder written by `python -m training.extract_latents`, or `digits`
 (the bundled demo set, encoded in memory with the VAE of --vae-dir).
 
 Writes, from rank 0 only:
@@ -35,14 +35,14 @@ from tqdm import tqdm
 
 from model.bundle import write_bundle
 from model.checkpoints import save_torch
-from model.ema import create_ema, update_ema
-from model.image_grid import save_grid
 from model.latents import LatentStats, to_uint8
 from model.lightningdit import RELEASE_OPTIONS, LightningDiT, lightningdit_config
-from model.objective import flow_matching_loss
 from model.sampling import PRESETS, SamplerPreset, initial_noise, sample
+from training.ema import create_ema, update_ema
+from training.image_grid import save_grid
+from training.objective import flow_matching_loss
 
-log = logging.getLogger("model.train")
+log = logging.getLogger("training.train")
 
 
 @dataclass
@@ -122,9 +122,9 @@ def setup_distributed() -> Dist:
 def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, LatentStats, list[str]]:
     """Normalised latents [N, C, h, w], labels [N], their stats and the class names."""
     if cfg.data == "digits":
-        from model.demo_data import DIGIT_CLASSES, load_digits_images
-        from model.extract_latents import encode_images, latent_stats
-        from model.train_vae import load_trained_vae
+        from training.demo_data import DIGIT_CLASSES, load_digits_images
+        from training.extract_latents import encode_images, latent_stats
+        from training.train_vae import load_trained_vae
 
         if not cfg.vae_dir:
             raise SystemExit("--data digits needs --vae-dir (the latents are encoded on the fly)")
@@ -133,7 +133,7 @@ def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, LatentStats
         latents = encode_images(vae, images, seed=cfg.seed)
         stats, classes = latent_stats(latents, seed=cfg.seed), list(DIGIT_CLASSES)
     else:
-        from model.extract_latents import load_latent_dataset
+        from training.extract_latents import load_latent_dataset
 
         latents, labels, stats, meta = load_latent_dataset(cfg.data)
         classes = meta["class_names"]
@@ -204,7 +204,7 @@ def write_outputs(out: Path, ckpt: dict, ema: LightningDiT, vae, stats: LatentSt
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
-    """Run training; returns the output folder. Called by `main` and by `model.demo`."""
+    """Run training; returns the output folder. Called by `main` and by `training.demo`."""
     d = setup_distributed()
     out = Path(cfg.out)
     if cfg.batch_size % d.world:
@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 
     vae = None
     if d.main and cfg.vae_dir:
-        from model.train_vae import load_trained_vae
+        from training.train_vae import load_trained_vae
 
         vae = load_trained_vae(cfg.vae_dir).to(d.device)
     preset = SamplerPreset(**cfg.presets[cfg.default_preset])
@@ -286,8 +286,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
 def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=d.data, help="latent folder (model.extract_latents) or 'digits'")
-    p.add_argument("--vae-dir", default=None, help="model.train_vae output folder (vae.json + vae.safetensors)")
+    p.add_argument("--data", default=d.data, help="latent folder (training.extract_latents) or 'digits'")
+    p.add_argument("--vae-dir", default=None, help="training.train_vae output folder (vae.json + vae.safetensors)")
     p.add_argument("--out", default=d.out)
     p.add_argument("--resume", default=None, help="a checkpoint .pt written by this script")
     p.add_argument("--model", default=None, help="named size, e.g. LightningDiT-B/1 (default: the sizes below)")

@@ -11,9 +11,9 @@ import torch
 from scipy import linalg
 
 from model.bundle import ModelBundle
-from model.demo_data import images_to_digits, load_digits_8x8
 from model.latents import to_uint8
 from model.sampling import SamplerPreset, initial_noise, sample
+from training.demo_data import images_to_digits, load_digits_8x8
 
 
 def real_digits() -> tuple[np.ndarray, np.ndarray]:

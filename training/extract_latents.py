@@ -1,7 +1,7 @@
 """Encode an image data set into VA-VAE latent shards for DiT training.
 
-    python -m model.extract_latents --data path/to/imagenet_layout --vae-dir runs/vae --out runs/latents
-    python -m model.extract_latents --data digits --vae-dir runs/vae --out runs/latents
+    python -m training.extract_latents --data path/to/imagenet_layout --vae-dir runs/vae --out runs/latents
+    python -m training.extract_latents --data digits --vae-dir runs/vae --out runs/latents
 
 <out>/latents_00000.safetensors ...  {"latents": [n, C, h, w] float32, "labels": [n] int64}
 <out>/latents_stats.safetensors      {"mean", "std"}: per-channel, [1, C, 1, 1], unbiased std
@@ -27,7 +27,7 @@ from model.checkpoints import save_json, save_safetensors
 from model.latents import LatentStats
 from model.vavae import VAVAE
 
-log = logging.getLogger("model.extract_latents")
+log = logging.getLogger("training.extract_latents")
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def load_latent_dataset(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, L
 
 def extract(data: str, vae_dir: str | Path, out: str | Path, batch_size: int = 64, shard_size: int = 10_000,
             seed: int = 0, image_size: int | None = None, progress: bool = True) -> Path:
-    from model.train_vae import load_trained_vae, load_training_images
+    from training.train_vae import load_trained_vae, load_training_images
 
     vae = load_trained_vae(vae_dir)
     size = image_size or int(vae.ddconfig["resolution"])
@@ -110,7 +110,7 @@ def extract(data: str, vae_dir: str | Path, out: str | Path, batch_size: int = 6
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Encode images (ImageNet layout, or 'digits') into VA-VAE latent shards.")
     p.add_argument("--data", required=True, help="ImageNet-layout folder (one subfolder per class) or 'digits'")
-    p.add_argument("--vae-dir", required=True, help="folder with vae.json + vae.safetensors (model.train_vae output)")
+    p.add_argument("--vae-dir", required=True, help="folder with vae.json + vae.safetensors (training.train_vae output)")
     p.add_argument("--out", required=True)
     p.add_argument("--image-size", type=int, default=None, help="default: the VAE's training resolution")
     p.add_argument("--batch-size", type=int, default=64)

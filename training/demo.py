@@ -1,6 +1,6 @@
 """Train the demo model from scratch and write it to checkpoints/demo/ (one command).
 
-    python -m model.demo            # or: make demo-model
+    python -m training.demo            # or: make demo-model
 
 Three stages on scikit-learn's digits (no download), sized for 2 CPU cores:
   1. VA-VAE (f4, 4 latent channels) with the VF alignment loss  -> <work>/vae
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from model.extract_latents import extract
 from model.sampling import PRESETS, SamplerPreset
-from model.train import TrainConfig, train
-from model.train_vae import VAETrainConfig, train_vae
+from training.extract_latents import extract
+from training.train import TrainConfig, train
+from training.train_vae import VAETrainConfig, train_vae
 
-log = logging.getLogger("model.demo")
+log = logging.getLogger("training.demo")
 
 # 4 latent channels: the release's CFG rule (guide channels 0..2 only, `cfg_channels=3`)
 # then guides 3 of the 4, so the demo keeps the official sampler semantics. On held-out
