@@ -119,6 +119,7 @@ def run_as_main(module: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize("name", OLD_COMMANDS)
 def test_old_command_forwards_with_a_notice(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m model.<name> --help` prints the deprecation notice, then exactly the new command's help."""
+    monkeypatch.delitem(sys.modules, f"training.{name}", raising=False)  # as in a fresh `python -m` process
     code, out, err = run_as_main(f"model.{name}", ["--help"], monkeypatch)
     new_code, new_out, new_err = run_as_main(f"training.{name}", ["--help"], monkeypatch)
     assert code == new_code == 0
