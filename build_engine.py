@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Build the engine artifacts of a model bundle: ONNX (validated) and, with TensorRT and a GPU, FP16 plans.
 
+The DiT plan is FP16 with fp32 islands; the VA-VAE decoder plan is fp32 unless
+--decode-precision asks otherwise (decoders of this family overflow in fp16).
+Both plans are checked against PyTorch on the GPU before the manifest is
+written, and any non-finite output fails the build.
+
     python build_engine.py                       # the demo bundle -> engines_out/
     python build_engine.py --model-dir DIR --output-dir OUT --max-rows 32
     python build_engine.py --if-stale            # nothing to do when the manifest still fits
@@ -54,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--opt-rows", type=int, default=s.profile_opt_rows, help="TensorRT profile opt rows")
     p.add_argument("--max-rows", type=int, default=s.max_batch_size,
                    help="TensorRT profile max rows (DiT rows after CFG doubling)")
+    p.add_argument("--decode-precision", choices=("fp32", "bf16", "fp16"), default=s.decode_precision,
+                   help=f"VA-VAE decoder plan precision (default {s.decode_precision}; fp16 only when validated)")
     p.add_argument("--engine-route", choices=("onnx", "torch-tensorrt"), default="onnx",
                    help="how the FP16 plans are made: TensorRT's ONNX parser, or Torch-TensorRT")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo", help="ONNX exporter")
@@ -64,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-tensorrt", action="store_true", help="ONNX only, even where TensorRT is available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for export/validation")
     args = p.parse_args(argv)
+    if args.engine_route == "torch-tensorrt" and args.decode_precision != "fp32":
+        p.error("--engine-route torch-tensorrt builds the decoder in fp32 only")
     if not 1 <= args.min_rows <= args.opt_rows <= args.max_rows:
         p.error(f"need 1 <= min-rows <= opt-rows <= max-rows, got {args.min_rows}/{args.opt_rows}/{args.max_rows}")
     try:
@@ -103,6 +112,9 @@ def up_to_date(args, bundle, profile: dict, trt_ok: bool) -> int | None:
             reasons.append("TensorRT is available now but the artifacts hold no plans")
         else:
             reasons += gpu_mismatches(manifest)
+            built_decode = manifest["tensorrt"].get("vae_precision", "fp16")
+            if built_decode != args.decode_precision:
+                reasons.append(f"decoder precision {built_decode} -> {args.decode_precision}")
     if reasons:
         print("--if-stale: rebuilding: " + "; ".join(reasons))
         return None
@@ -115,6 +127,7 @@ def up_to_date(args, bundle, profile: dict, trt_ok: bool) -> int | None:
 def build_tensorrt(args, bundle, profile: dict, progress: Progress) -> dict:
     import tensorrt
 
+    from engines.lowp_dit import lowp_dit
     from engines.manifest import DIT_ONNX, DIT_PLAN, TIMING_CACHE, VAE_ONNX, VAE_PLAN, gpu_identity
     from engines.onnx_export import DecoderForExport, dit_example_inputs, vae_example_inputs
     from engines.trt_build import build_plan_from_onnx, build_plan_with_torch_tensorrt
@@ -122,37 +135,64 @@ def build_tensorrt(args, bundle, profile: dict, progress: Progress) -> dict:
     out, cache = args.output_dir, args.output_dir / TIMING_CACHE
     plans = {}
     if args.engine_route == "onnx":
-        for name, onnx_file, plan in (("dit", DIT_ONNX, DIT_PLAN), ("vae_decoder", VAE_ONNX, VAE_PLAN)):
-            progress(f"building FP16 TensorRT plan for {name} from {onnx_file}")
-            plans[name] = build_plan_from_onnx(out / onnx_file, out / plan, profile, cache, log=progress.note)
+        for name, onnx_file, plan, precision in (("dit", DIT_ONNX, DIT_PLAN, "fp16"),
+                                                 ("vae_decoder", VAE_ONNX, VAE_PLAN, args.decode_precision)):
+            progress(f"building the {precision} TensorRT plan for {name} from {onnx_file}")
+            plans[name] = build_plan_from_onnx(out / onnx_file, out / plan, profile, cache, log=progress.note,
+                                               precision=precision)
     else:
         hw = bundle.spec.latent_shape[1]
-        jobs = (("dit", bundle.dit, dit_example_inputs(bundle.dit, 2), ["x", "t", "y"], DIT_PLAN),
-                ("vae_decoder", DecoderForExport(bundle.vae), vae_example_inputs(bundle.vae, hw, 2), ["z"], VAE_PLAN))
-        for name, module, example, names, plan in jobs:
-            progress(f"building FP16 TensorRT plan for {name} with Torch-TensorRT")
+        jobs = (("dit", lowp_dit(bundle.dit.cpu(), torch.float16), dit_example_inputs(bundle.dit, 2),
+                 ["x", "t", "y"], DIT_PLAN, "fp16"),
+                ("vae_decoder", DecoderForExport(bundle.vae), vae_example_inputs(bundle.vae, hw, 2), ["z"], VAE_PLAN,
+                 "fp32"))
+        for name, module, example, names, plan, precision in jobs:
+            progress(f"building the {precision} TensorRT plan for {name} with Torch-TensorRT")
             plans[name] = build_plan_with_torch_tensorrt(module, example, names, out / plan, profile, cache,
-                                                         log=progress.note)
-    return {"version": tensorrt.__version__, "precision": "fp16", "route": args.engine_route,
-            "gpu": gpu_identity(), "plans": plans, "timing_cache": TIMING_CACHE}
+                                                         log=progress.note, precision=precision)
+    return {"version": tensorrt.__version__, "precision": "fp16", "vae_precision": plans["vae_decoder"]["precision"],
+            "route": args.engine_route, "gpu": gpu_identity(), "plans": plans, "timing_cache": TIMING_CACHE}
 
 
-def smoke_test_tensorrt(args, bundle) -> None:
-    """Load the fresh plans through the backend and compare one forward with PyTorch (FP16-level tolerance)."""
+# Plan-vs-PyTorch fp32 tolerances, relative to the output's largest magnitude.
+PLAN_REL_TOL = {"fp16": 2e-2, "bf16": 5e-2, "fp32": 1e-2}  # fp32 plans may use TF32
+
+
+def compare_plan(name: str, got: torch.Tensor, ref: torch.Tensor, precision: str) -> float:
+    """Relative error of a plan's output against PyTorch; EngineError when non-finite or too far."""
     from engines.base import EngineError
-    from engines.onnx_export import dit_example_inputs
+
+    bad = int((~torch.isfinite(got)).sum())
+    if bad:
+        raise EngineError(f"the {name} plan produced {bad} non-finite values ({precision}); "
+                          "an image decoded from them would come out black")
+    rel = float((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    Progress.note(f"TensorRT {name} ({precision}) vs PyTorch fp32: rel err {rel:.2e}")
+    if not rel < PLAN_REL_TOL[precision]:
+        raise EngineError(f"the TensorRT {name} plan disagrees with PyTorch: relative error {rel:.2e} > "
+                          f"{PLAN_REL_TOL[precision]:g}")
+    return rel
+
+
+def smoke_test_tensorrt(args, bundle) -> dict:
+    """Load the fresh plans through the backend and compare the DiT and the decoder with PyTorch."""
+    from engines.onnx_export import dit_example_inputs, vae_example_inputs
     from engines.trt_backend import TrtEngine
 
     engine = TrtEngine(bundle, args.output_dir, "cuda", args.max_rows)
-    x, t, y = dit_example_inputs(bundle.dit, max(args.min_rows, min(args.max_rows, 4)))
-    with torch.no_grad():
-        ref = bundle.dit.cuda()(x.cuda(), t.cuda(), y.cuda()).float()
-    got = engine.velocity(x.cuda(), t.cuda(), y.cuda())
-    rel = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    Progress.note(f"TensorRT fp16 vs PyTorch fp32 velocity: rel err {rel:.2e}")
-    if not rel < 2e-2:
-        raise EngineError(f"TensorRT plan disagrees with PyTorch: relative error {rel:.2e} > 2e-2")
-    engine.close()
+    try:
+        rows = max(args.min_rows, min(args.max_rows, 4))
+        x, t, y = (v.cuda() for v in dit_example_inputs(bundle.dit, rows))
+        (z,) = (v.cuda() for v in vae_example_inputs(bundle.vae, bundle.spec.latent_shape[1], min(rows, 2)))
+        with torch.no_grad():
+            ref_v = bundle.dit.cuda()(x, t, y).float()
+            ref_img = bundle.vae.cuda().decode(z).float()
+            got_v = engine.velocity(x, t, y)
+            got_img = engine.vae.run(z)
+        return {"dit_rel_err": compare_plan("DiT", got_v, ref_v, "fp16"),
+                "vae_rel_err": compare_plan("decoder", got_img, ref_img, engine.info.decode_precision)}
+    finally:
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         code = up_to_date(args, bundle, profile, trt_ok)
         if code is not None:
             return code
-    steps = 5 + (3 if trt_ok else 0)  # 2 graphs x (export, validate), [2 plans, check], manifest
+    steps = 5 + (3 if trt_ok else 0)  # 2 graphs x (export, validate), [2 plans, check both], manifest
     progress = Progress(steps)
     print(f"building engines for {bundle.spec.name} ({args.model_dir}) into {args.output_dir}; "
           f"rows {profile['min']}/{profile['opt']}/{profile['max']}", flush=True)
@@ -187,12 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     rel_tol = args.rel_tol if args.rel_tol is not None else DEFAULT_REL_TOL
     try:
         report = export_and_validate(bundle, args.output_dir, args.exporter, args.opset, args.validate_rows,
-                                     rel_tol, progress=progress)
+                                     rel_tol, progress=progress, note=Progress.note)
     except Exception as err:  # an exporter failure is a build failure, reported plainly
         print(f"error: ONNX export failed: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
-    for line in report.text().splitlines():
-        Progress.note(line)
     if not report.ok:
         print(f"error: ONNX Runtime disagrees with PyTorch beyond relative tolerance {rel_tol:g}", file=sys.stderr)
         return EXIT_FAILED
@@ -202,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             tensorrt = build_tensorrt(args, bundle, profile, progress)
             write_onnx_manifest(bundle, args.output_dir, report, profile, tensorrt=tensorrt,
                                 build_seconds=round(time.perf_counter() - t_start, 1))
-            progress("checking the TensorRT plans against PyTorch")
-            smoke_test_tensorrt(args, bundle)
-        except (EngineError, RuntimeError) as err:
+            progress("checking both TensorRT plans against PyTorch")
+            tensorrt["check"] = smoke_test_tensorrt(args, bundle)
+        except Exception as err:  # noqa: BLE001 - any failure of the TensorRT step (a converter's
+            # UnboundLocalError included) is a build failure with its reason, never a traceback
             (args.output_dir / MANIFEST_NAME).unlink(missing_ok=True)
-            print(f"error: TensorRT build failed: {err}", file=sys.stderr)
+            kind = "" if isinstance(err, EngineError) else f"{type(err).__name__}: "
+            print(f"error: TensorRT build failed: {kind}{err}", file=sys.stderr)
             return EXIT_FAILED
     else:
         skipped = trt_reason

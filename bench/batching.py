@@ -46,7 +46,7 @@ def arrivals(rate: float, n: int, seed: int) -> list[float]:
 
 def open_loop(model: Model, engine, batching: str, max_rows: int, times: list[float], time_limit: float) -> dict:
     runner = Runner(engine, model.bundle.stats, model.bundle.null_class)
-    sched = Scheduler(max_rows, model.bundle.spec.latent_shape, batching)
+    sched = Scheduler(max_rows, model.bundle.spec.latent_shape, batching, device=engine.device)
     waiting: deque[Job] = deque()
     arrive: dict[str, float] = {}
     latencies: list[float] = []
@@ -91,10 +91,11 @@ def open_loop(model: Model, engine, batching: str, max_rows: int, times: list[fl
 
 
 def run_model(model: Model, max_rows: int, requests: int, cap_requests: int, loads: list[float], seed: int,
-              time_limit: float) -> dict:
+              time_limit: float, device: str = "cpu", precision: str = "fp32", cuda_graphs: bool = False) -> dict:
     from engines import load_engine
 
-    engine = load_engine(model.bundle, "torch", "cpu", "fp32", max_rows=max_rows)
+    engine = load_engine(model.bundle, "torch", device, precision, max_rows=max_rows, cuda_graphs=cuda_graphs)
+    engine.warmup()
     engine_alone(model, engine, 2, 2, 0, max_rows)  # warm-up
     cap = {}
     for mode in ("step", "request"):
@@ -115,6 +116,7 @@ def run_model(model: Model, max_rows: int, requests: int, cap_requests: int, loa
                 f"{r['completed']}/{r['offered']} done")
     engine.close()
     return {"label": model.label, "note": model.note, "preset": model.preset.to_dict(), "max_rows": max_rows,
+            "engine": f"{engine.info.device} {engine.info.precision} ({engine.info.detail})",
             "capacity": cap, "requests": requests, "runs": runs}
 
 
@@ -149,7 +151,8 @@ def markdown(result: dict) -> str:
              f"average at start {result['machine']['loadavg']}; run took {result['seconds']:.0f} s.", ""]
     for m in result["models"].values():
         cap = m["capacity"]
-        lines += [f"### {m['label']}", "", f"{m['note']}. Preset {m['preset']}, max_rows {m['max_rows']}, "
+        lines += [f"### {m['label']}", "", f"{m['note']}. Engine {m.get('engine', 'cpu fp32')}. "
+                  f"Preset {m['preset']}, max_rows {m['max_rows']}, "
                   f"{m['requests']} requests per run. Saturated throughput: step-level {cap['step']:.3f} img/s, "
                   f"request-level {cap['request']:.3f} img/s (capacity = step-level).", "",
                   "| load | batching | offered/s | throughput/s | p50 s | p95 s | p99 s | mean rows/forward | done |",
@@ -177,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--b1-steps", type=int, default=25, help="grid points of B/1's shortened 800ep preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=900, help="seconds per open-loop run (bound)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="fp32", help="torch backend precision (fp32 | bf16 | fp16)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture CUDA graphs per bucket (device cuda)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--plot", type=Path, default=None, help="also save the plot here (e.g. docs/img/batching.png)")
     a = p.parse_args(argv)
@@ -191,7 +197,8 @@ def main(argv=None) -> int:
             if key == "b1":
                 m.preset = m.preset.replace(num_steps=a.b1_steps)
             result["models"][key] = in_thread(run_model, m, a.max_rows, requests, max(24, requests // 3),
-                                              [float(x) for x in a.loads.split(",")], a.seed, a.time_limit)
+                                              [float(x) for x in a.loads.split(",")], a.seed, a.time_limit,
+                                              a.device, a.precision, a.cuda_graphs)
     result["seconds"] = time.time() - started
     (a.out / "batching.json").write_text(json.dumps(result, indent=2))
     (a.out / "batching.md").write_text(markdown(result))

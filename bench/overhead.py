@@ -38,7 +38,7 @@ def _rate(stamps: list[float], warmup: int) -> float:
 def engine_alone(model: Model, engine, clients: int, total: int, warmup: int, max_rows: int,
                  batching: str = "step") -> dict:
     runner = Runner(engine, model.bundle.stats, model.bundle.null_class)
-    sched = Scheduler(max_rows, model.bundle.spec.latent_shape, batching)
+    sched = Scheduler(max_rows, model.bundle.spec.latent_shape, batching, device=engine.device)
     waiting: deque[Job] = deque()
     issued, stamps = 0, []
     bar = progress(total, f"{model.key} engine alone")

@@ -21,19 +21,12 @@ from pathlib import Path
 import torch
 
 from engines.base import Engine, EngineError, EngineInfo
+from engines.device import decode_precision, resolve_device
 from model.bundle import ModelBundle, load_bundle
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 __all__ = ["BACKENDS", "Engine", "EngineError", "EngineInfo", "load_engine", "resolve_device"]
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} requested but torch sees no CUDA GPU")
-    return device
 
 
 def _export_to_temp(bundle: ModelBundle) -> Path:
@@ -57,25 +50,33 @@ def load_engine(
     max_rows: int = 16,
     compile: bool = False,
     cuda_graphs: bool = False,
+    decode: str | None = None,
 ) -> Engine:
-    """Build the engine the service runs. Raises EngineError with the reason when it cannot run here."""
+    """Build the engine the service runs. Raises EngineError with the reason when it cannot run here.
+
+    `precision` is the DiT's; `decode` the VA-VAE decoder's (default fp32 on every
+    backend, see engines.device.decode_precision).
+    """
     if not isinstance(bundle, ModelBundle):
         bundle = load_bundle(bundle)
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    dev = resolve_device(device, backend)
+    decode = decode_precision(decode, torch.device(dev).type)
     if backend == "torch":
         from engines.torch_backend import TorchEngine
 
-        return TorchEngine(bundle, resolve_device(device), precision, max_rows, compile=compile,
-                           cuda_graphs=cuda_graphs)
+        return TorchEngine(bundle, dev, precision, max_rows, compile=compile, cuda_graphs=cuda_graphs,
+                           decode_precision=decode)
     if backend == "onnxruntime":
         from engines.manifest import check_artifacts
         from engines.ort_backend import OrtEngine
 
-        dev = resolve_device(device)
-        if precision != "fp32" and dev == "cpu":
-            raise EngineError(f"onnxruntime on CPU runs the fp32 ONNX graphs; precision {precision!r} is "
-                              "available with backend=torch (bf16) or backend=tensorrt (fp16)")
+        if precision not in ("fp32", "fp16") or (precision == "fp16" and dev == "cpu"):
+            raise EngineError(f"onnxruntime runs the fp32 ONNX graphs (fp16 through its TensorRT provider on "
+                              f"CUDA), not {precision!r} on {dev}; bf16 is available with backend=torch")
+        if decode != "fp32":
+            raise EngineError("onnxruntime decodes in fp32 only (the fp32 ONNX decoder)")
         engine_dir = Path(engine_dir) if engine_dir is not None else _export_to_temp(bundle)
         manifest = check_artifacts(engine_dir, bundle.spec)
         return OrtEngine(bundle, engine_dir, dev, max_rows, use_trt_ep=precision == "fp16", manifest=manifest)
@@ -83,5 +84,4 @@ def load_engine(
 
     if engine_dir is None:
         raise EngineError("backend tensorrt needs engine_dir (the output of build_engine.py)")
-    dev = "cuda" if device == "auto" else device
     return TrtEngine(bundle, engine_dir, dev, max_rows)

@@ -79,6 +79,7 @@ def export_and_validate(
     batch_sizes: tuple[int, ...] = (1, 3, 8),
     rel_tol: float = DEFAULT_REL_TOL,
     progress: Callable[[str], None] = lambda msg: None,
+    note: Callable[[str], None] = lambda msg: None,
 ) -> OnnxReport:
     """Export the DiT and the VAE decoder into out_dir and compare each with PyTorch in ONNX Runtime."""
     out_dir = Path(out_dir)
@@ -99,6 +100,8 @@ def export_and_validate(
         graph = GraphReport(name, fname, time.perf_counter() - t0)
         progress(f"validating {name} in ONNX Runtime at batch sizes {list(batch_sizes)}")
         graph.parity = validate_onnx(module, out_dir / fname, make_inputs, input_names, batch_sizes, rel_tol)
+        for p in graph.parity:  # under this step's header, not after the last one
+            note(f"{name}: {p.line()}")
         report.graphs.append(graph)
     return report
 

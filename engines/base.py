@@ -22,17 +22,35 @@ import torch
 class EngineInfo:
     backend: str  # "torch" | "onnxruntime" | "tensorrt"
     device: str  # "cpu" | "cuda:0" ...
-    precision: str  # "fp32" | "bf16" | "fp16"
+    precision: str  # "fp32" | "bf16" | "fp16" (the DiT's)
     max_rows: int  # most rows one velocity() call accepts
     detail: str = ""  # e.g. execution providers, engine file
+    decode_precision: str = "fp32"  # the VA-VAE decoder's
 
 
 class Engine(ABC):
     info: EngineInfo
+    latent_shape: tuple[int, int, int]  # [C, H, W] of one sample
+    null_class: int
 
     @property
     def device(self) -> torch.device:
         return torch.device(self.info.device)
+
+    def warmup_rows(self) -> list[int]:
+        """Row counts to run once before serving (backends with per-size state list every size)."""
+        return sorted({1, self.info.max_rows})
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Run every row count that needs it and one decode, so that the first requests pay no
+        lazy initialisation (CUDA graph capture, compilation, library handles, autotuning)."""
+        for rows in self.warmup_rows():
+            x = torch.zeros((rows, *self.latent_shape), device=self.device)
+            t = torch.full((rows,), 0.5, device=self.device)
+            y = torch.full((rows,), self.null_class, dtype=torch.long, device=self.device)
+            self.velocity(x, t, y)
+        self.decode(torch.zeros((1, *self.latent_shape), device=self.device))
 
     @abstractmethod
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...

@@ -3,14 +3,21 @@
 Precision:
 * fp32: the bundle's modules as they are.
 * bf16 / fp16: the DiT's weights converted once (`engines.lowp_dit`, float32
-  islands for the norms, RoPE and timestep features); the VAE decoder runs under
-  autocast, which keeps GroupNorm and softmax in float32. fp16 only on CUDA.
-  `bf16_mode="autocast"` restores plain autocast for the DiT (for comparisons).
+  islands for the norms, RoPE and timestep features), on the host before the
+  copy to the device, so the fp32 original never occupies device memory. fp16
+  only on CUDA. `bf16_mode="autocast"` restores plain autocast for the DiT (for
+  comparisons).
+* The VAE decoder has its own precision, fp32 unless asked otherwise
+  (engines.device.decode_precision); bf16/fp16 decode runs under autocast, which
+  keeps GroupNorm and softmax in float32.
 
 On CUDA, `cuda_graphs=True` captures one graph per batch bucket (powers of two
 up to max_rows): a call with R rows is padded to the next bucket, replayed, and
 the first R rows returned, so the launch overhead of the many small kernels of
-a small DiT is paid once per bucket instead of per call.
+a small DiT is paid once per bucket instead of per call. Every bucket is
+captured by `warmup()`, before the worker reports ready; capture uses the
+thread-local mode, so a model captured by the hot-swap loader thread does not
+trip over the serving thread's kernels (which run on the runner's own stream).
 """
 
 from __future__ import annotations
@@ -50,22 +57,28 @@ class CudaGraphRunner:
         x = torch.zeros((rows, *self.shape), device=self.device)
         t = torch.zeros(rows, device=self.device)
         y = torch.full((rows,), self.null_class, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
-            for _ in range(3):
-                self.fn(x, t, y)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(x, t, y)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
+                for _ in range(3):
+                    self.fn(x, t, y)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self.fn(x, t, y)
         self.pool = graph.pool()
         self.graphs[rows] = (graph, x, t, y, out)
+
+    def capture_all(self) -> None:
+        for rows in self.buckets:
+            if rows not in self.graphs:
+                self._capture(rows)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         bucket = next(b for b in self.buckets if b >= rows)
-        if bucket not in self.graphs:
+        if bucket not in self.graphs:  # only when warmup() was skipped
             self._capture(bucket)
         graph, sx, st, sy, out = self.graphs[bucket]
         sx[:rows].copy_(x)
@@ -78,23 +91,30 @@ class CudaGraphRunner:
 
 class TorchEngine(Engine):
     def __init__(self, bundle: ModelBundle, device: str = "cpu", precision: str = "fp32", max_rows: int = 64,
-                 compile: bool = False, cuda_graphs: bool = False, bf16_mode: str = "weights"):
+                 compile: bool = False, cuda_graphs: bool = False, bf16_mode: str = "weights",
+                 decode_precision: str = "fp32"):
         self.dev = torch.device(device)
-        if precision not in DTYPES:
-            raise EngineError(f"unknown precision {precision!r} (fp32 | bf16 | fp16)")
+        if self.dev.type == "cuda" and self.dev.index is None:
+            self.dev = torch.device("cuda", torch.cuda.current_device())
+        for name, p in (("precision", precision), ("decode precision", decode_precision)):
+            if p not in DTYPES:
+                raise EngineError(f"unknown {name} {p!r} (fp32 | bf16 | fp16)")
         self.dtype = DTYPES[precision]
-        if self.dev.type == "cpu" and self.dtype == torch.float16:
+        self.decode_dtype = DTYPES[decode_precision]
+        if self.dev.type == "cpu" and torch.float16 in (self.dtype, self.decode_dtype):
             raise EngineError("fp16 is not usable on CPU here; use bf16 or fp32")
         if self.dev.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but torch sees no CUDA device")
         if cuda_graphs and self.dev.type != "cuda":
             raise EngineError("cuda_graphs needs device=cuda")
         self.max_rows = max_rows
+        self.latent_shape = tuple(bundle.spec.latent_shape)
+        self.null_class = bundle.null_class
         self.autocast_dit = self.dtype != torch.float32 and bf16_mode == "autocast"
-        dit = bundle.dit.to(self.dev).eval()
+        dit = bundle.dit.eval()
         if self.dtype != torch.float32 and not self.autocast_dit:
-            dit = lowp_dit(dit, self.dtype)
-        self.dit = dit
+            dit = lowp_dit(dit, self.dtype)  # converted where the weights are (the host), then moved
+        self.dit = dit.to(self.dev)
         self.vae = bundle.vae.to(self.dev).eval()
         forward = self._dit_call
         if compile:
@@ -102,23 +122,36 @@ class TorchEngine(Engine):
             self._compiled = torch.compile(self.dit, dynamic=not cuda_graphs)
         else:
             self._compiled = self.dit
+        self.graphs = None
         if cuda_graphs:
-            shape = (self.dit.in_channels, self.dit.input_size, self.dit.input_size)
-            forward = CudaGraphRunner(self._dit_call, shape, self.dev, max_rows, bundle.null_class)
+            self.graphs = CudaGraphRunner(self._dit_call, self.latent_shape, self.dev, max_rows, self.null_class)
+            forward = self.graphs
         self._forward = forward
         mode = ("compiled" if compile else "eager") + (", cuda graphs" if cuda_graphs else "")
         if self.dtype != torch.float32:
             mode += ", autocast" if self.autocast_dit else ", converted weights"
-        self.info = EngineInfo("torch", str(self.dev), precision, max_rows, f"torch {torch.__version__}, {mode}")
+        self.compiled = compile
+        self.info = EngineInfo("torch", str(self.dev), precision, max_rows, f"torch {torch.__version__}, {mode}",
+                               decode_precision=decode_precision)
 
-    def _autocast(self, enabled: bool):
-        if not enabled or self.dtype == torch.float32:
+    def _autocast(self, dtype: torch.dtype):
+        if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.dev.type, dtype=self.dtype)
+        return torch.autocast(self.dev.type, dtype=dtype)
 
     def _dit_call(self, x, t, y):
-        with self._autocast(self.autocast_dit):
+        with self._autocast(self.dtype if self.autocast_dit else torch.float32):
             return self._compiled(x, t, y).float()
+
+    def warmup_rows(self) -> list[int]:
+        # Graphs and compiled code exist per bucket: warm every one; eager needs one call.
+        return batch_buckets(self.max_rows) if self.compiled else [1]
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        if self.graphs is not None:
+            self.graphs.capture_all()
+        super().warmup()
 
     @torch.inference_mode()
     def velocity(self, x, t, y):
@@ -133,7 +166,7 @@ class TorchEngine(Engine):
         z = z.to(self.dev, torch.float32)
         out = []
         for i in range(0, z.shape[0], self.max_rows):
-            with self._autocast(True):
+            with self._autocast(self.decode_dtype):
                 img = self.vae.decode(z[i:i + self.max_rows])
-            out.append(to_uint8(img.float()).cpu())
-        return out[0] if len(out) == 1 else torch.cat(out)
+            out.append(to_uint8(img.float()))
+        return (out[0] if len(out) == 1 else torch.cat(out)).cpu()

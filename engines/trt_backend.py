@@ -61,14 +61,22 @@ class TrtPlan:
         self.min_rows, self.max_rows = int(lo[0]), int(hi[0])
 
     def run(self, *tensors: torch.Tensor) -> torch.Tensor:
-        """Inputs in the plan's input order; returns the first output (on the device, in the plan's dtype)."""
+        """Inputs in the plan's input order; returns the first output (on the device, in the plan's dtype).
+
+        Ordering: the plan's stream first waits for the caller's current stream (which
+        produced the inputs), and the caller's stream then waits for the plan's (which
+        produces the output), so neither side reads a buffer before it is written, and
+        the host never blocks. A call below the profile's minimum rows is padded.
+        """
         rows = tensors[0].shape[0]
-        if not self.min_rows <= rows <= self.max_rows:
-            raise EngineError(f"{rows} rows are outside the plan's profile {self.min_rows}..{self.max_rows}")
+        if rows > self.max_rows:
+            raise EngineError(f"{rows} rows are above the plan's profile {self.min_rows}..{self.max_rows}")
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
             keep = []  # bound buffers must live until the stream has run
             for name, t in zip(self.inputs, tensors, strict=True):
-                t = t.to(self.device, self.dtypes[name]).contiguous()
+                t = pad_rows(t.to(self.device, self.dtypes[name]), self.min_rows).contiguous()
                 keep.append(t)
                 self.context.set_input_shape(name, tuple(t.shape))
                 self.context.set_tensor_address(name, t.data_ptr())
@@ -80,32 +88,47 @@ class TrtPlan:
                 outs.append(out)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise EngineError("TensorRT execute_async_v3 failed")
-        # Callers use the default stream: make it wait for ours rather than blocking the host.
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        for t in (*keep, *outs):
-            t.record_stream(torch.cuda.current_stream(self.device))
-        return outs[0]
+        caller.wait_stream(self.stream)
+        for t in (*keep, *outs):  # the caching allocator must not hand these out before both streams are done
+            t.record_stream(caller)
+        return outs[0][:rows]
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with its last row repeated up to `rows` rows (rows are independent; extra outputs are dropped)."""
+    missing = rows - t.shape[0]
+    if missing <= 0:
+        return t
+    return torch.cat([t, t[-1:].expand(missing, *t.shape[1:])])
 
 
 class TrtEngine(Engine):
+    def warmup_rows(self) -> list[int]:
+        return sorted({self.dit.min_rows, self.max_rows})
+
     def __init__(self, bundle: ModelBundle, engine_dir: str | Path, device: str = "cuda", max_rows: int = 16):
         trt = import_tensorrt()
         self.engine_dir = Path(engine_dir)
+        self.latent_shape, self.null_class = tuple(bundle.spec.latent_shape), bundle.null_class
         self.manifest = check_artifacts(self.engine_dir, bundle.spec, need_tensorrt=True)
-        self.dev = torch.device(device if device != "cpu" else "cuda")
+        self.dev = torch.device(device)
         if self.dev.type != "cuda":
             raise EngineError(f"TensorRT runs on CUDA devices only, not {device!r}")
         if self.dev.index is None:
             self.dev = torch.device("cuda", torch.cuda.current_device())
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.stream = torch.cuda.Stream(self.dev)
-        self.dit = TrtPlan(trt, self.runtime, self.engine_dir / DIT_PLAN, self.dev, self.stream)
-        self.vae = TrtPlan(trt, self.runtime, self.engine_dir / VAE_PLAN, self.dev, self.stream)
+        with torch.cuda.device(self.dev):  # TensorRT deserialises onto the current device
+            self.runtime = trt.Runtime(self.logger)
+            self.stream = torch.cuda.Stream(self.dev)
+            self.dit = TrtPlan(trt, self.runtime, self.engine_dir / DIT_PLAN, self.dev, self.stream)
+            self.vae = TrtPlan(trt, self.runtime, self.engine_dir / VAE_PLAN, self.dev, self.stream)
         self.max_rows = min(max_rows, self.dit.max_rows)
-        route = self.manifest["tensorrt"].get("route", "onnx")
-        self.info = EngineInfo("tensorrt", str(self.dev), self.manifest["tensorrt"].get("precision", "fp16"),
-                               self.max_rows, f"TensorRT {trt.__version__} ({route} route), {self.engine_dir}")
+        built = self.manifest["tensorrt"]
+        route = built.get("route", "onnx")
+        vae_precision = built.get("vae_precision", "fp16")  # plans from before the split decoded in fp16
+        self.info = EngineInfo("tensorrt", str(self.dev), built.get("precision", "fp16"), self.max_rows,
+                               f"TensorRT {trt.__version__} ({route} route), {self.engine_dir}",
+                               decode_precision=vae_precision)
 
     @torch.inference_mode()
     def velocity(self, x, t, y):
@@ -116,8 +139,8 @@ class TrtEngine(Engine):
     @torch.inference_mode()
     def decode(self, z):
         m = min(self.max_rows, self.vae.max_rows)
-        images = [to_uint8(self.vae.run(z[i:i + m]).float()).cpu() for i in range(0, z.shape[0], m)]
-        return images[0] if len(images) == 1 else torch.cat(images)
+        images = [to_uint8(self.vae.run(z[i:i + m]).float()) for i in range(0, z.shape[0], m)]
+        return (images[0] if len(images) == 1 else torch.cat(images)).cpu()
 
     def close(self) -> None:
         self.stream.synchronize()

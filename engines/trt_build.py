@@ -1,11 +1,14 @@
 """Building FP16 TensorRT plans (TensorRT 10), by two routes:
 
-* ONNX route (default): parse the validated ONNX file, set FP16, keep the
-  precision-sensitive layers in float32 with OBEY_PRECISION_CONSTRAINTS, one
+* ONNX route (default): parse the validated ONNX file, set FP16 (or BF16), keep
+  the precision-sensitive layers in float32 with OBEY_PRECISION_CONSTRAINTS, one
   optimisation profile over the batch axis, a timing cache reused between builds.
-* Torch-TensorRT route: `torch_tensorrt` converts the PyTorch module directly
-  (torch.export graph, enabled_precisions={fp16}) into a serialised plan with the
-  same I/O names, which the tensorrt backend loads exactly like an ONNX-route plan.
+  This is TensorRT 10's weakly typed API (BuilderFlag.FP16, layer precisions),
+  which TensorRT 11 removed: the `gpu` extra pins tensorrt below 11.
+* Torch-TensorRT route: `torch_tensorrt` converts a low-precision copy of the
+  module whose weights are already fp16 with the same fp32 islands as the torch
+  backend (`engines.lowp_dit`), with explicit typing: TensorRT follows the
+  graph's own dtypes instead of choosing precisions itself.
 
 Which layers stay float32 (see docs/engines.md): every reduction, softmax and
 normalisation layer, the pow/sqrt/reciprocal/exp/sin/cos layers, and every layer
@@ -13,6 +16,11 @@ that the exporter attributes to a norm module (RMSNorm, GroupNorm) or to the
 timestep embedder. In FP16, RMSNorm's x**2 overflows above |x| = 256 and the
 mean of squares loses the small terms; GroupNorm's variance the same; softmax
 sums need the range. The matmuls and convolutions (all the FLOPs) run in FP16.
+The selection is made on the ONNX graph (`select_fp32_nodes`, tested on CPU);
+the TensorRT layer types are checked again for layers the parser adds.
+
+The VA-VAE decoder plan is built in fp32 unless fp16/bf16 is asked for
+(engines.device.decode_precision).
 
 Only importable pieces run without TensorRT; every function that needs it
 imports it lazily and raises EngineError otherwise.
@@ -31,6 +39,13 @@ from engines.base import EngineError
 WORKSPACE_BYTES = 4 << 30
 # Module names whose layers keep float32 (suffix of the exporter's scope names).
 FP32_SCOPES = ("norm1", "norm2", "norm_final", "q_norm", "k_norm", "norm", "norm_out", "t_embedder")
+# ONNX ops that keep float32 wherever they are: reductions, softmax, norms and the
+# transcendental ops whose fp16 range or resolution is too small.
+FP32_OPS = frozenset({
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceMax", "Softmax", "LogSoftmax",
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
+    "Pow", "Sqrt", "Reciprocal", "Exp", "Sin", "Cos",
+})
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -55,20 +70,24 @@ def torch_tensorrt_status() -> tuple[bool, str]:
     return True, f"torch_tensorrt {torch_tensorrt.__version__}"
 
 
+def node_scopes(node) -> list[str]:
+    """The module names an exported node belongs to, innermost last (both exporters' conventions)."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+    # dynamo exporter: scopes like ['', 'blocks.0', 'blocks.0.norm1', 'pow_1'];
+    # TorchScript exporter: names like /blocks.0/norm1/Pow.
+    return [s.strip(" '\"[]").rsplit(".", 1)[-1] for s in scopes.split(",")] + node.name.split("/")
+
+
+def select_fp32_nodes(nodes) -> set[str]:
+    """Names of the ONNX nodes that keep float32: by op type, or by the module they belong to."""
+    return {node.name for node in nodes
+            if node.op_type in FP32_OPS or any(p in FP32_SCOPES for p in node_scopes(node))}
+
+
 def fp32_node_names(onnx_path: Path) -> set[str]:
-    """ONNX nodes that belong to a norm module or the timestep embedder (by the exporter's scope info)."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    names = set()
-    for node in model.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        # dynamo exporter: scopes like ['', 'blocks.0', 'blocks.0.norm1', 'pow_1'];
-        # TorchScript exporter: names like /blocks.0/norm1/Pow.
-        parts = [s.strip(" '\"[]").rsplit(".", 1)[-1] for s in scopes.split(",")] + node.name.split("/")
-        if any(p in FP32_SCOPES for p in parts):
-            names.add(node.name)
-    return names
+    return select_fp32_nodes(onnx.load(str(onnx_path), load_external_data=False).graph.node)
 
 
 def _keep_fp32(trt, layer, scoped: set[str]) -> bool:
@@ -89,6 +108,10 @@ def _keep_fp32(trt, layer, scoped: set[str]) -> bool:
     return layer.name in scoped or any(layer.name.startswith(n + "_") for n in scoped if n)
 
 
+def FLOAT_TYPES(trt) -> tuple:  # noqa: N802 - a constant that needs the lazily imported module
+    return tuple(getattr(trt, n) for n in ("float32", "float16", "bfloat16") if hasattr(trt, n))
+
+
 def _set_fp32_islands(trt, network, scoped: set[str]) -> int:
     count = 0
     for i in range(network.num_layers):
@@ -97,7 +120,7 @@ def _set_fp32_islands(trt, network, scoped: set[str]) -> int:
             continue
         # Only layers computing on floats; shape/index layers keep their int types.
         outs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not outs or any(o.dtype not in (trt.float32, trt.float16) for o in outs):
+        if not outs or any(o.dtype not in FLOAT_TYPES(trt) for o in outs):
             continue
         layer.precision = trt.float32
         for j in range(layer.num_outputs):
@@ -113,11 +136,12 @@ def _profile_shapes(shape, profile: dict) -> tuple[tuple, tuple, tuple]:
     return ((profile["min"], *rest), (profile["opt"], *rest), (profile["max"], *rest))
 
 
-def _config(trt, builder, timing_cache: Path):
+def _config(trt, builder, timing_cache: Path, precision: str):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    if precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(blob)
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -125,8 +149,9 @@ def _config(trt, builder, timing_cache: Path):
 
 
 def build_plan_from_onnx(onnx_path: Path, plan_path: Path, profile: dict, timing_cache: Path,
-                         log: Callable[[str], None] = print) -> dict:
-    """Parse `onnx_path`, build an FP16 plan with one batch profile, write it; returns build facts."""
+                         log: Callable[[str], None] = print, precision: str = "fp16") -> dict:
+    """Parse `onnx_path`, build a plan (fp16 by default, fp32 islands kept) with one batch profile,
+    write it; returns build facts."""
     import tensorrt as trt
 
     t0 = time.perf_counter()
@@ -138,28 +163,33 @@ def build_plan_from_onnx(onnx_path: Path, plan_path: Path, profile: dict, timing
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors} "
                           "(try --engine-route torch-tensorrt)")
-    islands = _set_fp32_islands(trt, network, fp32_node_names(onnx_path))
-    config = _config(trt, builder, timing_cache)
+    islands = _set_fp32_islands(trt, network, fp32_node_names(onnx_path)) if precision != "fp32" else 0
+    config = _config(trt, builder, timing_cache, precision)
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         opt_profile.set_shape(tensor.name, *_profile_shapes(tensor.shape, profile))
     config.add_optimization_profile(opt_profile)
-    log(f"  building {plan_path.name}: {network.num_layers} layers, {islands} kept in fp32, rows "
+    log(f"  building {plan_path.name} ({precision}): {network.num_layers} layers, {islands} pinned to fp32, rows "
         f"{profile['min']}/{profile['opt']}/{profile['max']}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"TensorRT failed to build {plan_path.name} (see the TensorRT log above)")
     plan_path.write_bytes(bytes(plan))
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"file": plan_path.name, "layers": network.num_layers, "fp32_layers": islands,
+    return {"file": plan_path.name, "precision": precision, "layers": network.num_layers, "fp32_layers": islands,
             "build_s": round(time.perf_counter() - t0, 2)}
 
 
 def build_plan_with_torch_tensorrt(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
                                    plan_path: Path, profile: dict, timing_cache: Path,
-                                   log: Callable[[str], None] = print) -> dict:
-    """Torch-TensorRT route: torch.export the module, convert it into one serialised FP16 plan."""
+                                   log: Callable[[str], None] = print, precision: str = "fp32") -> dict:
+    """Torch-TensorRT route: torch.export the module, convert it into one serialised plan.
+
+    The module carries its precision in its own weights (a `engines.lowp_dit` copy for
+    fp16/bf16, with fp32 islands), and explicit typing makes TensorRT keep those dtypes;
+    `precision` only labels the result.
+    """
     import torch_tensorrt
 
     t0 = time.perf_counter()
@@ -173,9 +203,10 @@ def build_plan_with_torch_tensorrt(module: torch.nn.Module, example: tuple[torch
                              max_shape=(profile["max"], *e.shape[1:]), dtype=e.dtype, name=n)
         for n, e in zip(input_names, example, strict=True)
     ]
-    log(f"  converting {plan_path.name} with torch_tensorrt {torch_tensorrt.__version__} (fp16)")
+    log(f"  converting {plan_path.name} with torch_tensorrt {torch_tensorrt.__version__} "
+        f"({precision} weights, explicit typing)")
     plan = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-        program, arg_inputs=inputs, enabled_precisions={torch.float16}, timing_cache_path=str(timing_cache),
+        program, arg_inputs=inputs, use_explicit_typing=True, timing_cache_path=str(timing_cache),
     )
     plan_path.write_bytes(bytes(plan))
-    return {"file": plan_path.name, "build_s": round(time.perf_counter() - t0, 2)}
+    return {"file": plan_path.name, "precision": precision, "build_s": round(time.perf_counter() - t0, 2)}

@@ -29,6 +29,10 @@ class LatentStats:
         """Statistics over dims (0, 2, 3) of a latent batch [N, C, H, W], as the release computes them."""
         return cls(latents.mean(dim=(0, 2, 3), keepdim=True), latents.std(dim=(0, 2, 3), keepdim=True), multiplier)
 
+    def to(self, device: torch.device | str) -> LatentStats:
+        """The same statistics on `device` (kept there, so (de)normalising copies nothing)."""
+        return LatentStats(self.mean.to(device), self.std.to(device), self.multiplier)
+
     @property
     def channels(self) -> int:
         return self.mean.shape[1]

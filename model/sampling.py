@@ -20,7 +20,7 @@ depends only on (model, class, seed, preset), never on its batch mates or the de
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,54 +87,59 @@ def guided_velocity(
     x: torch.Tensor,
     t: torch.Tensor,
     y: torch.Tensor,
-    guided: torch.Tensor,
+    guided: Sequence[bool] | torch.Tensor,
     cfg_scale: torch.Tensor,
     null_class: int,
     cfg_channels: int | None | torch.Tensor = 3,
 ) -> torch.Tensor:
     """One forward over conditional rows plus an unconditional row per guided sample.
 
-    x [B, C, H, W], t [B], y [B], guided [B] bool, cfg_scale [B]. Returns [B, C, H, W]:
-    the conditional velocity, with `uncond + s * (cond - uncond)` on the first
-    `cfg_channels` channels of guided rows (all channels when None; a [B] integer
-    tensor gives each row its own count, so samples of different presets can
-    share one forward).
+    x [B, C, H, W], t [B], y [B], cfg_scale [B] on the compute device; `guided` [B]
+    bools on the host (a list or a CPU tensor): the caller knows which samples are
+    inside their CFG interval, so the step needs no data-dependent device op (such
+    as `nonzero`), which would make the host wait for the device. Returns
+    [B, C, H, W]: the conditional velocity, with `uncond + s * (cond - uncond)` on
+    the first `cfg_channels` channels of guided rows (all channels when None; a [B]
+    integer tensor gives each row its own count, so samples of different presets
+    can share one forward).
     """
-    idx = guided.nonzero().flatten()
-    if idx.numel() == 0:
+    if isinstance(guided, torch.Tensor) and guided.device.type != "cpu":
+        raise ValueError("guided must be host-side (a list or a CPU tensor), not on " + str(guided.device))
+    host_idx = [i for i, g in enumerate(guided) if bool(g)]
+    if not host_idx:
         return velocity(x, t, y)
-    b, c = x.shape[0], x.shape[1]
+    b, c, dev = x.shape[0], x.shape[1], x.device
+    idx = torch.tensor(host_idx, dtype=torch.long).to(dev, non_blocking=True)
+    g = len(host_idx)
     rows_x = torch.cat([x, x[idx]])
     rows_t = torch.cat([t, t[idx]])
-    rows_y = torch.cat([y, torch.full((idx.numel(),), null_class, dtype=y.dtype, device=y.device)])
+    rows_y = torch.cat([y, torch.full((g,), null_class, dtype=y.dtype, device=y.device)])
     v = velocity(rows_x, rows_t, rows_y)
     cond, uncond = v[:b], v[b:]
     scale = cfg_scale[idx].to(cond.dtype).view(-1, 1, 1, 1)
     cond_g = cond[idx]
     mixed = uncond + scale * (cond_g - uncond)
     if cfg_channels is None:
-        channels = torch.full((idx.numel(),), c, device=cond.device)
+        channels = torch.full((g,), c, device=dev)
     elif isinstance(cfg_channels, torch.Tensor):
-        channels = cfg_channels.to(cond.device)[idx]
+        channels = cfg_channels.to(dev)[idx]
     else:
-        channels = torch.full((idx.numel(),), int(cfg_channels), device=cond.device)
-    on = torch.arange(c, device=cond.device).view(1, c, 1, 1) < channels.view(-1, 1, 1, 1)
+        channels = torch.full((g,), int(cfg_channels), device=dev)
+    on = torch.arange(c, device=dev).view(1, c, 1, 1) < channels.view(-1, 1, 1, 1)
     out = cond.clone()
     out[idx] = torch.where(on, mixed, cond_g)
     return out
 
 
-def preset_velocity(velocity: VelocityFn, preset: SamplerPreset, null_class: int) -> VelocityFn:
-    """The CFG-wrapped velocity of one preset, with the interval test per row."""
+def preset_velocity(velocity: VelocityFn, preset: SamplerPreset, null_class: int):
+    """The CFG-wrapped velocity of one preset: `fn(x, t, y, t_host)`, where `t_host` is the
+    rows' common time as a host float (the interval test needs no device read)."""
 
-    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not preset.uses_cfg:
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, t_host: float) -> torch.Tensor:
+        if not preset.guided_at(t_host):
             return velocity(x, t, y)
-        guided = torch.ones_like(t, dtype=torch.bool)
-        if preset.cfg_interval_start is not None:
-            guided = t >= preset.cfg_interval_start
         scale = torch.full_like(t, preset.cfg_scale, dtype=torch.float32)
-        return guided_velocity(velocity, x, t, y, guided, scale, null_class, preset.cfg_channels)
+        return guided_velocity(velocity, x, t, y, [True] * x.shape[0], scale, null_class, preset.cfg_channels)
 
     return fn
 
@@ -156,6 +161,7 @@ def sample(
     """
     f = preset_velocity(velocity, preset, null_class)
     grid = time_grid(preset.num_steps, preset.timestep_shift)
+    grid_host = grid.tolist()  # the same float32 values, read once
     x = noise
     if trajectory is not None:
         trajectory.append(x)
@@ -163,11 +169,11 @@ def sample(
     for n in range(total):
         t0, t1 = grid[n], grid[n + 1]
         dt = (t1 - t0).to(x.device)
-        k1 = f(x, t0.expand(x.shape[0]).to(x.device), labels)
+        k1 = f(x, t0.expand(x.shape[0]).to(x.device), labels, grid_host[n])
         if preset.method == "euler":
             x = x + dt * k1
         else:  # Heun (explicit trapezoid), torchdiffeq's "heun2" tableau
-            k2 = f(x + dt * k1, t1.expand(x.shape[0]).to(x.device), labels)
+            k2 = f(x + dt * k1, t1.expand(x.shape[0]).to(x.device), labels, grid_host[n + 1])
             x = x + dt * (k1 / 2 + k2 / 2)
         if trajectory is not None:
             trajectory.append(x)

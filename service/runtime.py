@@ -71,9 +71,14 @@ def load_model(settings: Settings):
         bundle, backend=settings.backend, device=settings.device, precision=settings.precision,
         engine_dir=settings.engine_dir if settings.backend != "torch" else None,
         max_rows=settings.max_batch_size, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+        decode=settings.decode_precision,
     )
-    info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision}
+    # Before anything reports ready: CUDA graphs captured, compiled code built, for every bucket.
+    engine.warmup()
+    info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision,
+            "decode_precision": engine.info.decode_precision}
     return Runner(engine, bundle.stats, bundle.null_class), bundle.spec, bundle.spec.version(), info
+
 
 
 def build_worker(settings: Settings, redis_url: str):

@@ -12,6 +12,11 @@ forward (the engine's profile). Rows are not reserved ahead: when samples
 entering their guided phase overflow the bound, the youngest wait a step
 (admission order = priority, so nothing starves) and no new sample is admitted
 until everyone fits again.
+
+Device discipline: every sample's state lives on the engine's device from the
+moment it is admitted (the noise is drawn on the CPU, as the sampler's
+convention says, and moved once). Everything the plan decides (times, labels,
+who is guided) is known on the host, so a step never waits on a device read.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ class Sample:
     """One request being denoised."""
 
     job: Job
-    x: torch.Tensor  # [C, H, W] current state
-    grid: torch.Tensor  # [N] float32 time points
+    x: torch.Tensor  # [C, H, W] current state, on the engine's device
+    grid: list[float]  # N float32 time points, read onto the host once
     seq: int  # admission order
     admitted_at: float = field(default_factory=time.time)
     step: int = 0
@@ -42,7 +47,7 @@ class Sample:
 
     @property
     def t(self) -> float:
-        return float(self.grid[self.step])
+        return self.grid[self.step]
 
     @property
     def guided(self) -> bool:
@@ -59,27 +64,33 @@ class Sample:
 
 @dataclass
 class StepPlan:
-    """Everything the runner needs for one forward; it decides nothing itself."""
+    """Everything the runner needs for one forward; it decides nothing itself.
+
+    The tensors are host-side (small; the runner moves them once); `guided` is a
+    plain list because the runner branches on it.
+    """
 
     samples: list[Sample]
     t: torch.Tensor  # [B] float32
     dt: torch.Tensor  # [B] float32
     y: torch.Tensor  # [B] int64
-    guided: torch.Tensor  # [B] bool
+    guided: list[bool]  # [B]
     cfg_scale: torch.Tensor  # [B] float32
     cfg_channels: torch.Tensor  # [B] int64 (channel count; C for all-channel guidance)
 
     @property
     def rows(self) -> int:
-        return len(self.samples) + int(self.guided.sum())
+        return len(self.samples) + sum(self.guided)
 
 
 class Scheduler:
-    def __init__(self, max_rows: int, latent_shape: tuple[int, int, int], batching: str = "step"):
+    def __init__(self, max_rows: int, latent_shape: tuple[int, int, int], batching: str = "step",
+                 device: torch.device | str = "cpu"):
         if batching not in ("step", "request"):
             raise ValueError(f"unknown batching {batching!r}")
         self.max_rows = max_rows
         self.latent_shape = latent_shape
+        self.device = torch.device(device)
         self.batching = batching
         self.active: list[Sample] = []
         self.deferred = 0  # samples left out of the last plan
@@ -117,8 +128,9 @@ class Scheduler:
         return admitted
 
     def admit(self, job: Job) -> Sample:
-        grid = time_grid(job.preset.num_steps, job.preset.timestep_shift)
-        sample = Sample(job, initial_noise(job.seed, self.latent_shape), grid, next(self._seq))
+        grid = time_grid(job.preset.num_steps, job.preset.timestep_shift).tolist()
+        noise = initial_noise(job.seed, self.latent_shape).to(self.device, non_blocking=True)
+        sample = Sample(job, noise, grid, next(self._seq))
         self.active.append(sample)
         return sample
 
@@ -134,15 +146,15 @@ class Scheduler:
         if not chosen:
             return None
         c = self.latent_shape[0]
-        t = torch.stack([s.grid[s.step] for s in chosen])
-        t_next = torch.stack([s.grid[s.step + 1] for s in chosen])
+        t = torch.tensor([s.grid[s.step] for s in chosen], dtype=torch.float32)
+        t_next = torch.tensor([s.grid[s.step + 1] for s in chosen], dtype=torch.float32)
         presets = [s.job.preset for s in chosen]
         return StepPlan(
             samples=chosen,
             t=t,
             dt=t_next - t,
             y=torch.tensor([s.job.class_id for s in chosen], dtype=torch.long),
-            guided=torch.tensor([s.guided for s in chosen]),
+            guided=[s.guided for s in chosen],
             cfg_scale=torch.tensor([p.cfg_scale for p in presets], dtype=torch.float32),
             cfg_channels=torch.tensor([c if p.cfg_channels is None else p.cfg_channels for p in presets]),
         )

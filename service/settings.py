@@ -42,9 +42,16 @@ class Settings(BaseSettings):
     backend: Literal["torch", "onnxruntime", "tensorrt"] = Field(
         "torch", description="Runtime backend that runs the DiT and the VAE decoder."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto | cpu | cuda | cuda:N. auto: CUDA when the backend can use it here, else CPU.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Compute precision of the torch backend (bf16 autocast on CPU, fp16/bf16 on GPU)."
+        "fp32", description="DiT precision: torch fp32/bf16 (fp16 on CUDA); onnxruntime fp16 = its TensorRT EP; "
+        "tensorrt plans are fp16.",
+    )
+    decode_precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="VA-VAE decoder precision on every backend; fp16 only as an explicit, validated choice.",
     )
     engine_dir: Path = Field(
         REPO_ROOT / "engines_out", description="Where build_engine.py writes ONNX/TensorRT artifacts and reads them back."

@@ -65,7 +65,8 @@ class Worker:
         self.load_model = load_model
         self.runner, spec, self.version, self.engine_info = load_model()
         self.name = settings.worker_name or default_worker_name()
-        self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching)
+        self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching,
+                                   device=self.runner.engine.device)
         self.watcher = ModelWatcher(settings.model_dir, settings.model_watch_interval_s)
         self._swap: tuple | None = None  # a newly loaded model waiting for the active samples to finish
         self._loading: threading.Thread | None = None
@@ -147,6 +148,7 @@ class Worker:
             old, self._swap = self.version, None
             self.runner, self.version, self.engine_info = runner, version, info
             self.scheduler.latent_shape = spec.latent_shape
+            self.scheduler.device = runner.engine.device
             log.warning("switched model", extra={"from": old, "to": version})
             self.heartbeat()
 
