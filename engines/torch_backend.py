@@ -15,9 +15,11 @@ On CUDA, `cuda_graphs=True` captures one graph per batch bucket (powers of two
 up to max_rows): a call with R rows is padded to the next bucket, replayed, and
 the first R rows returned, so the launch overhead of the many small kernels of
 a small DiT is paid once per bucket instead of per call. Every bucket is
-captured by `warmup()`, before the worker reports ready; capture uses the
-thread-local mode, so a model captured by the hot-swap loader thread does not
-trip over the serving thread's kernels (which run on the runner's own stream).
+captured by `warmup()`, before the worker reports ready. Capture runs on a
+side stream (non-blocking, so the legacy default stream that the serving loop
+uses never synchronises with it) in the thread-local capture mode, so a model
+captured by the hot-swap loader thread does not trip over the serving thread's
+kernel launches and allocations.
 """
 
 from __future__ import annotations
