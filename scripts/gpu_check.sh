@@ -79,8 +79,8 @@ if [ "$DRY" = 1 ]; then
   step batching 120 "$PY" bench/batching.py --models demo --quick --requests 12 --loads 0.7 --max-rows 8 \
     --out "$STEPS_DIR/batching"
 else
-  step batching 60 "$PY" bench/batching.py --models demo,b1 --requests 60 --loads 0.7 --max-rows 32 \
-    --device cuda --precision bf16 --cuda-graphs --time-limit 20 --out "$STEPS_DIR/batching"
+  step batching 90 "$PY" bench/batching.py --models demo,b1 --b1-steps 250 --requests 160 --loads 0.7 \
+    --max-rows 32 --device cuda --precision bf16 --cuda-graphs --time-limit 25 --out "$STEPS_DIR/batching"
 fi
 [ -f "$STEPS_DIR/batching/batching.json" ] && cp "$STEPS_DIR/batching/batching.json" "$STEPS_DIR/batching.json"
 [ -f "$STEPS_DIR/batching/batching.png" ] && cp "$STEPS_DIR/batching/batching.png" "$DEST/batching.png"
