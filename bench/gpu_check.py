@@ -212,7 +212,18 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
             res[f"rows{rows}"]["rel_err_vs_fp32"] = rel_err(out, ref[rows])
         else:
             res.setdefault("_outputs", {})[rows] = out.float()
-    if precision != "fp32" or a.dry_run:
+    if graphs or (compiled and not a.dry_run):
+        # every bucket: the cost curve dit_ms(rows) that capacity planning (a simulated engine) needs
+        res["sweep_ms"] = {}
+        for rows in engine.warmup_rows() if compiled else engine.graphs.buckets:
+            x, t, y = (v[:1].expand(rows, *v.shape[1:]).contiguous() for v in inputs[sizes[0]])
+            with torch.inference_mode():
+                res["sweep_ms"][rows] = round(time_ms(lambda x=x, t=t, y=y, e=engine: e.velocity(x, t, y), dev,
+                                                      iters=3 if a.dry_run else 10), 3)
+    if getattr(a, "profile", False) and dev.type == "cuda" and precision != "fp32":
+        res["top_kernels"] = top_kernels(engine, inputs[sizes[0]])
+        a.profile = False  # once is enough
+    if precision != "fp32" and (graphs or compiled or a.dry_run):
         images = 4 if a.dry_run else 32
         preset = "800ep"
         if a.dry_run:
@@ -220,7 +231,8 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
             preset = "800ep-dry"
         res["recipe"] = recipe_images_per_s(engine, bundle, images, max_rows, preset)
     else:
-        res["recipe"] = "skipped: fp32 runs the per-forward timings only (about 10x slower than bf16 on a GPU)"
+        res["recipe"] = ("skipped: fp32 runs the per-forward timings only (about 10x slower than bf16 on a GPU)"
+                         if precision == "fp32" else "skipped: measured for the CUDA-graph configuration")
     log(f"xl {label}: " + json.dumps({k: v for k, v in res.items() if k != "_outputs"}))
     if precision == "fp32":
         engine.dit.to("cpu")  # the fp32 engine moved the bundle's own module; later configs convert on the host
@@ -228,6 +240,31 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def top_kernels(engine, inputs, count: int = 15) -> list[dict]:
+    """The device kernels that take the time of three forwards (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, y = inputs
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.velocity(x, t, y)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in rows) or 1.0
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [{"kernel": e.key[:120], "calls": e.count, "ms_per_forward": round(e.self_device_time_total / 3000, 3),
+             "share": round(e.self_device_time_total / total, 3)} for e in rows[:count]]
+
+
+def parse_configs(text: str) -> list[tuple[str, bool, bool]]:
+    """"fp32,bf16+graphs,bf16+compiled" -> [(precision, graphs, compiled), ...]"""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split("+")
+        out.append((parts[0], "graphs" in parts[1:], "compiled" in parts[1:]))
+    return out
 
 
 def step_xl(a, configs=None) -> dict:
@@ -245,6 +282,8 @@ def step_xl(a, configs=None) -> dict:
            "gflop_per_row": round(flops_row / 1e9, 2), "bf16_peak_measured_tflops": round(peak, 1),
            "build_s": round(time.perf_counter() - t0, 1), "configs": []}
     half = "fp16" if dev.type == "cuda" else "bf16"  # fp16 is CUDA-only in the torch backend
+    if getattr(a, "configs", None):
+        configs = parse_configs(a.configs)
     configs = configs or [("fp32", False, False), ("bf16", False, False), ("bf16", True, False),
                           (half, False, False), (half, True, False)]
     ref = None
@@ -269,8 +308,8 @@ def step_xl(a, configs=None) -> dict:
 
 
 def step_xl_compiled(a) -> dict:
-    configs = [("fp32", False, False), ("bf16", False, True)]
-    return step_xl(a, configs)
+    a.configs = None
+    return step_xl(a, [("fp32", False, False), ("bf16", False, True)])
 
 
 def step_vae(a) -> dict:
@@ -307,6 +346,13 @@ def step_vae(a) -> dict:
             res["psnr_vs_fp32_db"] = round(psnr(u8, ref), 2)
         out["precisions"][precision] = res
         log(f"vae {precision}: {res}")
+    # the cost curve decode_ms(images) of the default (fp32) decoder, for capacity planning
+    out["fp32_sweep_ms"] = {}
+    for count in (1, 2) if a.dry_run else (1, 4, 16, 32):
+        zz = torch.randn(count, *z.shape[1:], device=dev)
+        with torch.inference_mode():
+            out["fp32_sweep_ms"][count] = round(time_ms(lambda zz=zz: vae.decode(zz), dev, iters=1 if a.dry_run else 5), 3)
+    log(f"vae fp32 sweep: {out['fp32_sweep_ms']}")
     return out
 
 
@@ -428,6 +474,8 @@ def main(argv=None) -> int:
     p.add_argument("step", choices=sorted(STEPS))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
+    p.add_argument("--configs", default=None, help="xl: e.g. fp32,bf16+graphs,fp16+graphs (default: all)")
+    p.add_argument("--profile", action="store_true", help="xl: top device kernels of the first low-precision config")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.dry_run:

