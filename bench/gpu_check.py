@@ -343,7 +343,7 @@ def step_vae(a) -> dict:
         if ref is None:
             ref = u8
         else:
-            res["psnr_vs_fp32_db"] = round(psnr(u8, ref), 2)
+            res["psnr_vs_fp32_db"] = round(float(psnr(u8, ref)), 2)
         out["precisions"][precision] = res
         log(f"vae {precision}: {res}")
     # the cost curve decode_ms(images) of the default (fp32) decoder, for capacity planning
@@ -392,6 +392,8 @@ def step_service(a) -> dict:
     n = 8 if a.dry_run else 32
     requests = [{"class_label": i % 10, "seed": 1000 + i} for i in range(n)]
     configs = [("fp32", False)] if a.dry_run else [("fp32", False), ("bf16", True)]
+    if getattr(a, "configs", None):
+        configs = [(p, g) for p, g, _ in parse_configs(a.configs)]
     out = {"device": str(dev), "requests": n, "preset": preset, "configs": []}
     for precision, graphs in configs:
         label = f"{precision}{' graphs' if graphs else ''}"
@@ -430,8 +432,8 @@ def step_service(a) -> dict:
                    max_abs_pixel_diff=max(ok) if ok else None,
                    min_psnr_db=round(min(psnr(s, o) for s, o in zip(served, offline, strict=True) if s is not None), 2)
                    if ok else None)
-        res["pass"] = len(ok) == n and (res["max_abs_pixel_diff"] <= 1 if precision == "fp32"
-                                        else res["min_psnr_db"] >= 30)
+        res["pass"] = bool(len(ok) == n and (res["max_abs_pixel_diff"] <= 1 if precision == "fp32"
+                                             else res["min_psnr_db"] >= 30))
         log(f"service {label}: {json.dumps({k: v for k, v in res.items() if k != 'model'})}")
         out["configs"].append(res)
     return out
