@@ -85,3 +85,24 @@ def test_bad_arguments_exit_2(tmp_path):
     assert proc.returncode == 2 and "model bundle" in proc.stderr
     proc = run_build("--min-rows", "8", "--max-rows", "4")
     assert proc.returncode == 2
+
+
+def test_any_tensorrt_step_failure_is_a_clean_build_failure(tmp_path, monkeypatch, capsys):
+    """A converter that dies with an unexpected exception type (Torch-TensorRT once raised
+    UnboundLocalError) is reported as a failed build (exit 1, no manifest), not a traceback."""
+    import build_engine
+
+    bundle = make_random_bundle(tmp_path / "bundle", TINY_DIT, TINY_VAE_DDCONFIG, name="tiny")
+
+    def broken_converter(*_args, **_kwargs):
+        raise UnboundLocalError("cannot access local variable 'engine' where it is not associated with a value")
+
+    monkeypatch.setattr(build_engine, "tensorrt_step_status", lambda args: (True, "pretend TensorRT is here"))
+    monkeypatch.setattr(build_engine, "build_tensorrt", broken_converter)
+    out = tmp_path / "engines"
+    code = build_engine.main(["--model-dir", str(bundle), "--output-dir", str(out), "--max-rows", "4",
+                              "--opt-rows", "2", "--validate-rows", "1", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == build_engine.EXIT_FAILED
+    assert "TensorRT build failed: UnboundLocalError" in err
+    assert not (out / "manifest.json").exists()

@@ -183,3 +183,21 @@ def test_tensorrt_builds_and_runs_a_tiny_engine(demo_bundle, demo_onnx, tmp_path
     assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2
     ref_images = sample_images(load_engine(load_bundle(demo_bundle), backend="torch", device="cuda"), bundle)
     assert psnr(ref_images, sample_images(engine, bundle)) >= 30
+
+
+def test_fp32_islands_on_the_exported_graph(demo_onnx):
+    """On the real dynamo export: norms, softmax and the timestep embedder stay fp32; the block matmuls don't."""
+    import onnx
+
+    from engines.manifest import DIT_ONNX
+    from engines.trt_build import node_scopes, select_fp32_nodes
+
+    nodes = list(onnx.load(str(demo_onnx / DIT_ONNX), load_external_data=False).graph.node)
+    chosen = select_fp32_nodes(nodes)
+    matmuls = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
+    in_blocks = [n for n in matmuls if not any(p == "t_embedder" for p in node_scopes(n))]
+    assert in_blocks and all(n.name not in chosen for n in in_blocks), "block matmuls must run in fp16"
+    assert any(n.op_type == "Softmax" and n.name in chosen for n in nodes)
+    norm_nodes = [n for n in nodes if any(p in ("norm1", "norm2", "norm_final") for p in node_scopes(n))]
+    assert norm_nodes and all(n.name in chosen for n in norm_nodes)
+    assert any(n.name in chosen for n in matmuls if "t_embedder" in node_scopes(n))
