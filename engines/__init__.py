@@ -8,6 +8,9 @@ Backends:
 * "onnxruntime": the ONNX files of an artifact dir (CPU EP; CUDA/TensorRT EPs on
   GPUs). With engine_dir=None the bundle is exported to a temporary dir first.
 * "tensorrt": the FP16 plans of an artifact dir (GPU + tensorrt only).
+* "simulated": no model at all; forwards and decodes take the time a timing
+  profile says (engines.simulated, engines/profiles/). For measuring the server
+  apart from the model; it says "simulated" wherever it reports itself.
 
 Artifacts are written by `build_engine.py`; a backend refuses artifacts whose
 manifest names other checkpoints (or, for TensorRT plans, another GPU).
@@ -24,7 +27,7 @@ from engines.base import Engine, EngineError, EngineInfo
 from engines.device import decode_precision, resolve_device
 from model.bundle import ModelBundle, load_bundle
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "simulated")
 
 __all__ = ["BACKENDS", "Engine", "EngineError", "EngineInfo", "load_engine", "resolve_device"]
 
@@ -51,6 +54,7 @@ def load_engine(
     compile: bool = False,
     cuda_graphs: bool = False,
     decode: str | None = None,
+    simulated_profile: str | Path | None = None,
 ) -> Engine:
     """Build the engine the service runs. Raises EngineError with the reason when it cannot run here.
 
@@ -62,6 +66,11 @@ def load_engine(
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dev = resolve_device(device, backend)
+    if backend == "simulated":
+        from engines.simulated import SimulatedEngine
+        from engines.timing_profile import load_profile
+
+        return SimulatedEngine(bundle, load_profile(simulated_profile), max_rows)
     decode = decode_precision(decode, torch.device(dev).type)
     if backend == "torch":
         from engines.torch_backend import TorchEngine

@@ -58,6 +58,14 @@ class Engine(ABC):
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
+    def synchronize(self) -> None:
+        """Block the host until the device has run everything enqueued so far (a CUDA event on CUDA;
+        nothing to wait for on the CPU). The runner calls it at the end of every step."""
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
 

@@ -54,6 +54,11 @@ def resolve_device(device: str, backend: str = "torch", *, has_cuda: bool | None
         if device.startswith("cuda") and not ort_has_cuda(providers):
             raise EngineError(f"device {device!r} asked for, but this onnxruntime build has no CUDA or TensorRT "
                               f"execution provider (available: {providers}); install onnxruntime-gpu or use cpu")
+    if backend == "simulated":  # a timing model: its tensors live on the host whatever it simulates
+        if device not in ("auto", "cpu"):
+            raise EngineError(f"backend simulated runs on the CPU (it simulates the accelerator's timing); "
+                              f"device {device!r} is not available to it, use auto or cpu")
+        return "cpu"
     if backend == "tensorrt":  # the backend itself says why it cannot run (no tensorrt, no GPU)
         if device == "cpu":
             raise EngineError("TensorRT runs on CUDA devices only; use device auto, cuda or cuda:N")

@@ -7,7 +7,7 @@ its own on `metrics_port`.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
@@ -44,4 +44,6 @@ ADMITTED_MID_FLIGHT = Counter(
 BUSY_RATIO = Gauge("ldit_worker_busy_ratio", "Share of the last interval the worker spent computing.")
 DEAD_LETTERS = Counter("ldit_dead_letters", "Jobs moved to the dead-letter stream.")
 EXPIRED = Counter("ldit_expired_jobs", "Jobs dropped because their deadline passed.")
+ENGINE = Info("ldit_engine", "What this worker's engine is: backend (\"simulated\" for a timing model), device, "
+              "precision, and the timing profile of a simulated one.")
 RECLAIMED = Counter("ldit_reclaimed_jobs", "Jobs claimed from a silent worker (XAUTOCLAIM).")

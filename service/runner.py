@@ -3,8 +3,9 @@
 Everything runs on the caller's current stream, the one the scheduler's noise
 copies were enqueued on, so no cross-stream ordering is needed here (the
 TensorRT and ONNX Runtime backends order their own streams against it). A step
-ends by waiting on a CUDA event recorded after the update: the step time that
-the metrics report is the device's time, not the time to enqueue kernels.
+ends with `engine.synchronize()` (CUDA: an event recorded after the update; the
+simulated backend: a sleep until its queue is empty), so the step time that the
+metrics report is the device's time, not the time to enqueue kernels.
 """
 
 from __future__ import annotations
@@ -26,13 +27,6 @@ class Runner:
         self.null_class = null_class
         self.stats = stats.to(engine.device)
 
-    def _wait(self) -> None:
-        """Block the host until the device has run what this step enqueued (no-op off CUDA)."""
-        if self.engine.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.engine.device))
-            done.synchronize()
-
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.engine.device, non_blocking=True)
 
@@ -46,7 +40,7 @@ class Runner:
             self._to_device(plan.cfg_scale), self.null_class, self._to_device(plan.cfg_channels),
         )
         x_next = x + self._to_device(plan.dt).view(-1, 1, 1, 1) * v
-        self._wait()
+        self.engine.synchronize()
         return x_next, time.perf_counter() - start
 
     @torch.inference_mode()

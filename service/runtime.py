@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 import uvicorn
 
+from service import metrics
 from service.settings import REPO_ROOT, Settings
 
 log = logging.getLogger("ldit")
@@ -71,14 +72,27 @@ def load_model(settings: Settings):
         bundle, backend=settings.backend, device=settings.device, precision=settings.precision,
         engine_dir=settings.engine_dir if settings.backend != "torch" else None,
         max_rows=settings.max_batch_size, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
-        decode=settings.decode_precision,
+        decode=settings.decode_precision, simulated_profile=settings.simulated_profile,
     )
     # Before anything reports ready: CUDA graphs captured, compiled code built, for every bucket.
     engine.warmup()
-    info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision,
-            "decode_precision": engine.info.decode_precision}
+    info = engine_report(engine)
+    metrics.ENGINE.info({k: str(v) for k, v in info.items()})
+    if info["backend"] == "simulated":
+        log.warning("SIMULATED BACKEND: no model runs here; forwards and decodes only take the time of timing "
+                    "profile %s, and every image is a crop of a stock picture. For measuring the serving stack, "
+                    "never for real images.", info["simulated_profile"], extra={"detail": engine.info.detail})
     return Runner(engine, bundle.stats, bundle.null_class), bundle.spec, bundle.spec.version(), info
 
+
+
+def engine_report(engine) -> dict:
+    """How a worker describes its engine (heartbeat, metrics): what really runs, simulated or not."""
+    info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision,
+            "decode_precision": engine.info.decode_precision}
+    if engine.info.backend == "simulated":
+        info.update(simulated_profile=engine.profile.name, image_size=engine.image_size)
+    return info
 
 
 def build_worker(settings: Settings, redis_url: str):

@@ -39,8 +39,13 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         DEMO_MODEL_DIR, description="Model bundle directory (model.json + weights). Default: the shipped demo."
     )
-    backend: Literal["torch", "onnxruntime", "tensorrt"] = Field(
-        "torch", description="Runtime backend that runs the DiT and the VAE decoder."
+    backend: Literal["torch", "onnxruntime", "tensorrt", "simulated"] = Field(
+        "torch", description="Runtime backend that runs the DiT and the VAE decoder. simulated: no model, a timing "
+        "model of an accelerator (LDIT_SIMULATED_PROFILE); for measuring the server, never for real images.",
+    )
+    simulated_profile: str | None = Field(
+        None, description="Timing profile of backend simulated: a JSON file, or the name of a shipped one "
+        "(engines/profiles: xl1-256-h200-measured, b1-256-h200-derived, xl1-256-h100-flops40, b1-256-h100-flops40).",
     )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
