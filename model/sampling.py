@@ -101,7 +101,8 @@ def guided_velocity(
     [B, C, H, W]: the conditional velocity, with `uncond + s * (cond - uncond)` on
     the first `cfg_channels` channels of guided rows (all channels when None; a [B]
     integer tensor gives each row its own count, so samples of different presets
-    can share one forward).
+    can share one forward). When the guided samples are the first ones, their rows
+    are sliced, not gathered (fewer device ops per step; the same numbers).
     """
     if isinstance(guided, torch.Tensor) and guided.device.type != "cpu":
         raise ValueError("guided must be host-side (a list or a CPU tensor), not on " + str(guided.device))
@@ -109,8 +110,11 @@ def guided_velocity(
     if not host_idx:
         return velocity(x, t, y)
     b, c, dev = x.shape[0], x.shape[1], x.device
-    idx = torch.tensor(host_idx, dtype=torch.long).to(dev, non_blocking=True)
     g = len(host_idx)
+    if host_idx[-1] == g - 1:  # the guided samples come first (the serving scheduler orders them so): views
+        idx = slice(0, g)
+    else:
+        idx = torch.tensor(host_idx, dtype=torch.long).to(dev, non_blocking=True)
     rows_x = torch.cat([x, x[idx]])
     rows_t = torch.cat([t, t[idx]])
     rows_y = torch.cat([y, torch.full((g,), null_class, dtype=y.dtype, device=y.device)])

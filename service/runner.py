@@ -25,10 +25,11 @@ class Runner:
     def __init__(self, engine: Engine, stats: LatentStats, null_class: int):
         self.engine = engine
         self.null_class = null_class
-        self.stats = stats.to(engine.device)
+        self.device = engine.device
+        self.stats = stats.to(self.device)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.engine.device, non_blocking=True)
+        return t.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> tuple[torch.Tensor, float]:

@@ -44,6 +44,12 @@ class Sample:
     step: int = 0
     compute_s: float = 0.0
     widest_batch: int = 0  # most samples that shared one of its forwards
+    finished_at: float = 0.0  # when its last step ended (it then waits for the decode)
+    guided_steps: list[bool] = field(default_factory=list)  # per grid point: inside the CFG interval?
+
+    def __post_init__(self) -> None:
+        if not self.guided_steps:  # decided once, not on every step
+            self.guided_steps = [self.job.preset.guided_at(t) for t in self.grid]
 
     @property
     def t(self) -> float:
@@ -51,7 +57,7 @@ class Sample:
 
     @property
     def guided(self) -> bool:
-        return self.job.preset.guided_at(self.t)
+        return self.guided_steps[self.step]
 
     @property
     def rows(self) -> int:
@@ -65,6 +71,8 @@ class Sample:
 @dataclass
 class StepPlan:
     """Everything the runner needs for one forward; it decides nothing itself.
+
+    Samples are in admission order, guided ones first.
 
     The tensors are host-side (small; the runner moves them once); `guided` is a
     plain list because the runner branches on it.
@@ -145,30 +153,40 @@ class Scheduler:
         self.deferred = len(self.active) - len(chosen)
         if not chosen:
             return None
+        # Guided samples first (a stable sort): the runner then slices their rows instead of gathering them.
+        chosen.sort(key=lambda s: not s.guided)
         c = self.latent_shape[0]
-        t = torch.tensor([s.grid[s.step] for s in chosen], dtype=torch.float32)
-        t_next = torch.tensor([s.grid[s.step + 1] for s in chosen], dtype=torch.float32)
-        presets = [s.job.preset for s in chosen]
+        # Two host tensors per step, not six: this runs once per forward, between device waits.
+        floats = torch.tensor([(s.grid[s.step], s.grid[s.step + 1], s.job.preset.cfg_scale) for s in chosen],
+                              dtype=torch.float32)
+        ints = torch.tensor([(s.job.class_id, c if s.job.preset.cfg_channels is None else s.job.preset.cfg_channels)
+                             for s in chosen], dtype=torch.long)
+        t = floats[:, 0]
         return StepPlan(
             samples=chosen,
             t=t,
-            dt=t_next - t,
-            y=torch.tensor([s.job.class_id for s in chosen], dtype=torch.long),
+            dt=floats[:, 1] - t,
+            y=ints[:, 0],
             guided=[s.guided for s in chosen],
-            cfg_scale=torch.tensor([p.cfg_scale for p in presets], dtype=torch.float32),
-            cfg_channels=torch.tensor([c if p.cfg_channels is None else p.cfg_channels for p in presets]),
+            cfg_scale=floats[:, 2],
+            cfg_channels=ints[:, 1],
         )
 
-    def commit(self, plan: StepPlan, x_next: torch.Tensor, seconds: float) -> list[Sample]:
-        """Store the advanced states; returns (and retires) the samples that reached t = 1."""
+    def commit(self, plan: StepPlan, x_next: torch.Tensor, seconds: float, now: float | None = None) -> list[Sample]:
+        """Store the advanced states; returns (and retires) the samples that reached t = 1 (stamped
+        `finished_at` = `now`, default time.time())."""
         width = len(plan.samples)
-        for s, x in zip(plan.samples, x_next, strict=True):
+        now = time.time() if now is None else now
+        for s, x in zip(plan.samples, x_next.unbind(0), strict=True):
             s.x = x
             s.step += 1
             s.compute_s += seconds
-            s.widest_batch = max(s.widest_batch, width)
+            if width > s.widest_batch:
+                s.widest_batch = width
         finished = [s for s in plan.samples if s.done]
         if finished:
+            for s in finished:
+                s.finished_at = now
             self.active = [s for s in self.active if not s.done]
         return finished
 
@@ -177,4 +195,48 @@ class Scheduler:
         gone = [s for s in self.active if predicate(s)]
         if gone:
             self.active = [s for s in self.active if not predicate(s)]
+        return gone
+
+
+class DecodeQueue:
+    """Finished samples waiting for the VAE decode, and when to run it.
+
+    A decode call has a fixed cost whatever its size (on the H200, 1 image takes
+    6.0 ms and 4 images 13.2 ms: docs/benchmarks.md), and every sample still
+    denoising waits for it. So while others are denoising, a finished sample may
+    wait up to `max_delay_s` for companions to share one call; with nothing else
+    to run, or `max_batch` waiting, the decode runs at once. `max_delay_s` 0:
+    decode every step's finished samples at once.
+    """
+
+    def __init__(self, max_delay_s: float = 0.0, max_batch: int = 64):
+        self.max_delay_s = max_delay_s
+        self.max_batch = max(1, max_batch)
+        self.waiting: list[Sample] = []
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, samples: list[Sample]) -> None:
+        self.waiting += samples
+
+    def due(self, now: float, active_rows: int, max_rows: int) -> list[Sample]:
+        """The samples to decode now (at most max_batch), or [] to let them wait for companions.
+
+        They wait only while the samples still denoising fill at least half of `max_rows`: below
+        that the accelerator has time to spare and a decode delays nobody much. `now` is on the
+        time.time() clock (Sample.finished_at's).
+        """
+        if not self.waiting:
+            return []
+        oldest = min(s.finished_at for s in self.waiting)
+        busy = 2 * active_rows >= max_rows
+        if busy and len(self.waiting) < self.max_batch and now - oldest < self.max_delay_s:
+            return []
+        batch, self.waiting = self.waiting[: self.max_batch], self.waiting[self.max_batch:]
+        return batch
+
+    def drop(self, predicate) -> list[Sample]:
+        gone = [s for s in self.waiting if predicate(s)]
+        self.waiting = [s for s in self.waiting if not predicate(s)]
         return gone

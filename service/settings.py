@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         5.0, ge=0, description="How long an idle worker waits for a fuller first batch."
     )
+    max_decode_delay_ms: float = Field(
+        20.0, ge=0, description="How long a finished sample may wait for others to share its VAE decode call while "
+        "the samples still denoising fill at least half of max_batch_size (0: decode at once; docs/benchmarks.md).",
+    )
     preferred_batch_size: int | None = Field(
         None, ge=1, description="Engine profile's optimal rows (TensorRT 'opt'); defaults to max_batch_size."
     )

@@ -2,8 +2,10 @@
 
 Loop: reclaim jobs of silent workers -> read new jobs -> drop expired ones ->
 admit into free rows -> one forward for all active samples -> decode the
-finished ones in a batch -> PNG encoding, result storage, XACK and the wake-up
-message run in a thread pool, so the accelerator never waits on zlib or Redis.
+finished ones in a batch (they may wait up to `max_decode_delay_ms` for
+companions while others are denoising: service.scheduler.DecodeQueue) -> PNG
+encoding, result storage, XACK and the wake-up message run in a thread pool, so
+the accelerator never waits on zlib or Redis.
 
 A job is acknowledged (and deleted from the stream) only after its result is
 stored, in one MULTI/EXEC. Jobs this worker holds are re-claimed to itself
@@ -30,7 +32,7 @@ from PIL import Image
 from service import metrics
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
-from service.scheduler import Sample, Scheduler
+from service.scheduler import DecodeQueue, Sample, Scheduler
 from service.settings import Settings
 
 log = logging.getLogger("ldit.worker")
@@ -67,6 +69,7 @@ class Worker:
         self.name = settings.worker_name or default_worker_name()
         self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching,
                                    device=self.runner.engine.device)
+        self.decodes = DecodeQueue(settings.max_decode_delay_ms / 1000, settings.max_batch_size)
         self.watcher = ModelWatcher(settings.model_dir, settings.model_watch_interval_s)
         self._swap: tuple | None = None  # a newly loaded model waiting for the active samples to finish
         self._loading: threading.Thread | None = None
@@ -143,7 +146,7 @@ class Worker:
 
             self._loading = threading.Thread(target=load, name="model-loader", daemon=True)
             self._loading.start()
-        if self._swap is not None and not self.scheduler.active:
+        if self._swap is not None and not self.scheduler.active and not self.decodes:
             runner, spec, version, info = self._swap
             old, self._swap = self.version, None
             self.runner, self.version, self.engine_info = runner, version, info
@@ -156,7 +159,7 @@ class Worker:
         """On stop: release jobs not yet started, finish the ones in flight."""
         self._release(list(self.waiting))
         self.waiting.clear()
-        while self.scheduler.active:
+        while self.scheduler.active or self.decodes:
             self._expire(time.time())
             self._step()
 
@@ -239,10 +242,12 @@ class Worker:
 
     # -- compute ------------------------------------------------------------------------
     def _step(self) -> None:
-        self._held = [j.stream_id for j in (*self.waiting, *(s.job for s in self.scheduler.active))]
+        self._held = [j.stream_id for j in (*self.waiting, *(s.job for s in (*self.scheduler.active,
+                                                                            *self.decodes.waiting)))]
         plan = self.scheduler.schedule()
         metrics.ACTIVE_SLOTS.set(len(self.scheduler.active))
         if plan is None:
+            self._decode_due()
             return
         try:
             x_next, seconds = self.runner.step(plan)
@@ -256,9 +261,13 @@ class Worker:
         metrics.EXEC_COUNT.inc()
         metrics.ROWS_PER_FORWARD.observe(plan.rows)
         metrics.BATCH_SIZE.observe(len(plan.samples))
-        finished = self.scheduler.commit(plan, x_next, seconds)
-        if finished:
-            self._finish(finished)
+        self.decodes.add(self.scheduler.commit(plan, x_next, seconds))
+        self._decode_due()
+
+    def _decode_due(self) -> None:
+        batch = self.decodes.due(time.time(), self.scheduler.active_rows(), self.scheduler.max_rows)
+        if batch:
+            self._finish(batch)
 
     def _finish(self, samples: list[Sample]) -> None:
         try:
@@ -377,7 +386,7 @@ class Worker:
                 last = now
             except Exception:  # noqa: BLE001 - Redis may be restarting; try again next beat
                 log.warning("heartbeat failed", exc_info=True)
-            if self.stop_event.wait(self.s.heartbeat_interval_s) and not self.scheduler.active:
+            if self.stop_event.wait(self.s.heartbeat_interval_s) and not self.scheduler.active and not self.decodes:
                 break
 
     def heartbeat(self) -> None:

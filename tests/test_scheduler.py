@@ -16,7 +16,7 @@ from model.latents import to_uint8
 from model.sampling import SamplerPreset, initial_noise, sample
 from service.jobs import Job
 from service.runner import Runner
-from service.scheduler import Scheduler
+from service.scheduler import DecodeQueue, Sample, Scheduler
 from tests.service_harness import make_tiny_bundle
 from tests.test_service import psnr
 
@@ -148,3 +148,45 @@ def test_runner_decode_batches(bundle, runner):
     lat = [initial_noise(s, bundle.spec.latent_shape) for s in range(3)]
     images, _ = runner.decode(lat)
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+
+
+def finished_sample(seq: int, at: float) -> Sample:
+    s = Sample(job(seq % 10, seq, "plain"), torch.zeros(1), [0.0, 1.0], seq)
+    s.finished_at = at
+    return s
+
+
+def test_decode_queue_waits_for_companions_only_while_the_rows_are_busy():
+    q = DecodeQueue(max_delay_s=0.020, max_batch=3)
+    a = finished_sample(0, 100.0)
+    q.add([a])
+    assert q.due(100.001, active_rows=8, max_rows=16) == []  # half the rows busy: wait for companions
+    assert q.due(100.001, active_rows=7, max_rows=16) == [a]  # the accelerator has room: decode at once
+    b, c = finished_sample(1, 100.0), finished_sample(2, 100.010)
+    q.add([b, c])
+    assert q.due(100.019, active_rows=16, max_rows=16) == []
+    assert q.due(100.021, active_rows=16, max_rows=16) == [b, c]  # the oldest waited max_delay
+    more = [finished_sample(i, 200.0) for i in range(3, 7)]
+    q.add(more)
+    assert q.due(200.0, active_rows=16, max_rows=16) == more[:3]  # max_batch reached: no more waiting
+    assert q.due(200.0, active_rows=16, max_rows=16) == [] and len(q) == 1
+    assert q.due(200.0, active_rows=0, max_rows=16) == more[3:]
+    assert DecodeQueue(0.0).due(0.0, 16, 16) == []  # empty
+    zero = DecodeQueue(0.0)
+    zero.add([finished_sample(9, 1.0)])
+    assert len(zero.due(1.0, active_rows=16, max_rows=16)) == 1  # no delay: every step's finished at once
+
+
+def test_plans_put_guided_samples_first_and_commit_stamps_finish_times(bundle, runner):
+    scheduler = Scheduler(max_rows=16, latent_shape=bundle.spec.latent_shape)
+    for i, name in enumerate(["plain", "always", "plain", "always"]):
+        scheduler.admit(job(i, i, name))
+    plan = scheduler.schedule()
+    assert plan.guided == [True, True, False, False]
+    assert [s.job.preset for s in plan.samples] == [PRESETS["always"]] * 2 + [PRESETS["plain"]] * 2
+    assert [s.seq for s in plan.samples] == [1, 3, 0, 2]  # admission order within each group
+    x_next, secs = runner.step(plan)
+    for s in plan.samples:
+        s.step = len(s.grid) - 2  # one step from the end
+    finished = scheduler.commit(plan, x_next, secs, now=123.0)
+    assert len(finished) == 4 and {s.finished_at for s in finished} == {123.0}
