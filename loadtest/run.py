@@ -179,8 +179,8 @@ def report(out: Path, args, url: str, model: dict, before: dict, after: dict, rc
 
     lines = ["# Load test report", "",
              f"Target {url} ({'started by run.py' if not args.url else 'given'}), model {model.get('name')} "
-             f"({model.get('resolution')}px, {model.get('num_classes')} classes, backend {model.get('backend')} "
-             f"{model.get('precision')}). Shape **{args.shape}**, up to {args.max_users} users, {args.duration:g} s "
+             f"({model.get('resolution')}px, {model.get('num_classes')} classes, workers "
+             f"{', '.join(sorted({w['backend'] + ' ' + w['precision'] for w in model.get('workers', [])})) or 'none'}). Shape **{args.shape}**, up to {args.max_users} users, {args.duration:g} s "
              f"(wall {wall:.0f} s), locust exit code {rc}.", "",
              "| request | count | failures | median ms | p95 ms | p99 ms | max ms | req/s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,20 +31,28 @@ from model.checkpoints import (
     save_json,
     save_safetensors,
 )
+from model.classes import ClassIndex
 from model.latents import LatentStats
 from model.lightningdit import CONFIG_KEYS, LightningDiT
 from model.sampling import PRESETS, SamplerPreset
 from model.vavae import VAVAE
 
 CLASS_LISTS = Path(__file__).resolve().parent / "class_names"
+SYNONYMS = "_synonyms"
 
 
 def named_class_list(name: str) -> list[str]:
     path = CLASS_LISTS / f"{name}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in CLASS_LISTS.glob("*.json"))
+    if not path.is_file() or name.endswith(SYNONYMS):
+        known = sorted(p.stem for p in CLASS_LISTS.glob("*.json") if not p.stem.endswith(SYNONYMS))
         raise CheckpointError(f"unknown class-name list {name!r}; known: {known}")
     return list(json.loads(path.read_text()))
+
+
+def named_class_synonyms(name: str) -> list[list[str]] | None:
+    """Every name of each class of a named list (`<name>_synonyms.json`), if shipped."""
+    path = CLASS_LISTS / f"{name}{SYNONYMS}.json"
+    return [list(row) for row in json.loads(path.read_text())] if path.is_file() else None
 
 
 @dataclass
@@ -61,6 +70,12 @@ class BundleSpec:
     presets: dict[str, SamplerPreset]
     default_preset: str
     raw: dict = field(repr=False, default_factory=dict)
+    class_synonyms: list[list[str]] | None = field(repr=False, default=None)
+
+    @cached_property
+    def classes(self) -> ClassIndex:
+        """Resolves class ids, names and synonyms (model/classes.py)."""
+        return ClassIndex(self.class_names, self.class_synonyms)
 
     @property
     def num_classes(self) -> int:
@@ -99,8 +114,9 @@ def read_spec(root: str | Path) -> BundleSpec:
         presets = {k: SamplerPreset(**v) for k, v in raw.get("presets", {}).items()} or dict(PRESETS)
         default = raw.get("default_preset") or next(iter(presets))
         classes = raw.get("class_names") or [str(i) for i in range(int(dit_cfg["num_classes"]))]
+        synonyms = None
         if isinstance(classes, str):  # a named list shipped with the code, e.g. "imagenet1k"
-            classes = named_class_list(classes)
+            classes, synonyms = named_class_list(classes), named_class_synonyms(classes)
         spec = BundleSpec(
             root=root,
             name=raw.get("name", root.name),
@@ -115,6 +131,7 @@ def read_spec(root: str | Path) -> BundleSpec:
             presets=presets,
             default_preset=default,
             raw=raw,
+            class_synonyms=synonyms,
         )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: malformed model.json ({err!r})") from None

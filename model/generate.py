@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.bundle import ModelBundle, load_bundle
+from model.classes import UnknownClass
 from model.latents import to_uint8
 from model.sampling import SamplerPreset, initial_noise, sample
 
@@ -29,18 +30,12 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 
 
 def resolve_class(bundle: ModelBundle, label: str | int) -> int:
-    """A class id, or a class name from the bundle's list."""
-    names = bundle.spec.class_names
-    text = str(label)
-    if text in names:
-        return names.index(text)
+    """A class id, a digit string, or a class name or synonym (model/classes.py)."""
     try:
-        k = int(text)
-    except ValueError:
-        raise ValueError(f"unknown class {label!r}") from None
-    if not 0 <= k < bundle.spec.num_classes:
-        raise ValueError(f"class {k} out of range [0, {bundle.spec.num_classes})")
-    return k
+        return bundle.spec.classes.resolve(label)
+    except UnknownClass as err:
+        hint = f" (did you mean: {', '.join(err.suggestions)}?)" if err.suggestions else ""
+        raise ValueError(f"{err}{hint}") from None
 
 
 @torch.no_grad()

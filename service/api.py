@@ -15,23 +15,29 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import metrics
 from service.auth import AuthError, Guard
-from service.jobs import Job, Keys, ResultMeta, result_key
+from service.docs_ui import mount_docs
+from service.events import EventHub, Watch, sse
+from service.heartbeats import live_workers
+from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.limits import BodySizeLimit
 from service.model_watch import ModelWatcher
 from service.schemas import (
+    ApiView,
     ErrorBody,
     FieldError,
     GenerateRequest,
     JobAccepted,
     JobStatus,
     ModelInfo,
+    WorkerInfo,
     resolve_class,
     resolve_preset,
 )
@@ -44,6 +50,8 @@ PNG = "image/png"
 STATIC = Path(__file__).resolve().parent / "static"
 # Errors any protected route may answer: auth, rate limit / full queue, bad input, too large.
 ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
+SSE_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
+SSE_MIN_INTERVAL_S = 0.2  # progress reaches a client at most 5 times a second
 
 
 def error(status: int, code: str, message: str, detail: list | None = None, headers: dict | None = None):
@@ -52,15 +60,21 @@ def error(status: int, code: str, message: str, detail: list | None = None, head
 
 
 def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
-    return Response(png, media_type=PNG, headers={
+    """The PNG with this request's own timings. A cache hit queued and computed nothing
+    (0 ms, batch size 0); the timings of the request that made the image go in X-Original-*."""
+    headers = {
         "X-Request-Id": job_id,
         "X-Seed": str(seed),
-        "X-Queue-Ms": f"{meta.queue_ms:.1f}",
-        "X-Compute-Ms": f"{meta.compute_ms:.1f}",
-        "X-Batch-Size": str(meta.batch_size),
+        "X-Queue-Ms": "0.0" if cached else f"{meta.queue_ms:.1f}",
+        "X-Compute-Ms": "0.0" if cached else f"{meta.compute_ms:.1f}",
+        "X-Batch-Size": "0" if cached else str(meta.batch_size),
         "X-Model-Version": meta.model_version,
         "X-Cache": "hit" if cached else "miss",
-    })
+    }
+    if cached:
+        headers.update({"X-Original-Queue-Ms": f"{meta.queue_ms:.1f}", "X-Original-Compute-Ms": f"{meta.compute_ms:.1f}",
+                        "X-Original-Batch-Size": str(meta.batch_size)})
+    return Response(png, media_type=PNG, headers=headers)
 
 
 def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastAPI:
@@ -72,13 +86,18 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     async def lifespan(app: FastAPI):
         app.state.redis = aioredis.Redis.from_url(redis_url, **redis_kwargs(settings))
         app.state.waiter = ResultWaiter(app.state.redis, keys)
+        app.state.events = EventHub(app.state.redis, keys)
         await app.state.waiter.start()
+        await app.state.events.start()
         yield
+        await app.state.events.stop()
         await app.state.waiter.stop()
         await app.state.redis.aclose()
 
     app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
-                  description="Class-conditional image generation with LightningDiT + VA-VAE.")
+                  description="Class-conditional image generation with LightningDiT + VA-VAE.",
+                  docs_url=None, redoc_url=None)  # served below from local assets (service/docs_ui.py)
+    mount_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins.strip():
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
@@ -86,9 +105,16 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @app.middleware("http")
     async def access_log(request: Request, call_next):
-        """One structured line per request (info level: off by default), keyed by the request id."""
+        """One structured line per request (info level: off by default), keyed by the request id,
+        and the request counted by route and status class (4xx included)."""
         start = time.perf_counter()
-        response = await call_next(request)
+        endpoint = route_of(app, request.scope)
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.HTTP_REQUESTS.labels(endpoint, "5xx").inc()
+            raise
+        metrics.HTTP_REQUESTS.labels(endpoint, f"{response.status_code // 100}xx").inc()
         if not response.headers.get("X-Request-Id"):
             response.headers["X-Request-Id"] = uuid.uuid4().hex
         log.info("request", extra={
@@ -163,7 +189,8 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return error(429, "queue_full", f"{depth} jobs are waiting; retry later",
                          headers={"Retry-After": str(retry)})
         pipe = r.pipeline(transaction=True)
-        pipe.hset(keys.job(job.id), mapping={"status": "queued", "key": job.key, "seed": job.seed})
+        pipe.hset(keys.job(job.id), mapping={"status": "queued", "key": job.key, "seed": job.seed,
+                                             "enqueued_at": repr(job.enqueued_at)})
         pipe.expire(keys.job(job.id), settings.result_ttl_s)
         pipe.xadd(keys.stream, job.to_fields(), maxlen=settings.stream_max_length, approximate=True)
         await pipe.execute()
@@ -176,10 +203,12 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return None
         d = {k.decode(): v.decode() for k, v in data.items()}
         meta = json.loads(d["meta"]) if "meta" in d else {}
+        if d.get("cache") == "hit":  # answered from the cache: this job queued and computed nothing
+            meta = {**meta, "queue_ms": 0.0, "compute_ms": 0.0, "batch_size": 0}
         st = JobStatus(id=job_id, status=d.get("status", "queued"), error=d.get("error"),
                        message=d.get("message"), queue_ms=meta.get("queue_ms"),
                        compute_ms=meta.get("compute_ms"), batch_size=meta.get("batch_size"),
-                       model_version=meta.get("model_version"))
+                       model_version=meta.get("model_version"), cache=d.get("cache", "miss"))
         return st, d
 
     def failure_response(st: JobStatus, endpoint: str) -> JSONResponse:
@@ -232,10 +261,11 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image."""
         r: aioredis.Redis = request.app.state.redis
         job = await make_job(req, reply_to="")
-        if await cached(r, job.key):
+        if hit := await cached(r, job.key):
             metrics.CACHE_HITS.inc()
             pipe = r.pipeline(transaction=True)
-            pipe.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed})
+            pipe.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed, "cache": "hit",
+                                                 "meta": hit[1].to_json()})
             pipe.expire(keys.job(job.id), settings.result_ttl_s)
             await pipe.execute()
             status = "done"
@@ -269,7 +299,88 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         hit = await cached(r, fields["key"])
         if not hit:
             return error(404, "expired", "the image expired")
-        return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=False)
+        return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=fields.get("cache") == "hit")
+
+    @app.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
+        200: {"content": {"text/event-stream": {}}, "description": (
+            "Server-Sent Events: `queued` {position, estimated_start_s}, `progress` {step, steps} (at most "
+            "4 a second), then `done` {image_url, ...} or `failed` {error, message}; the stream then ends.")},
+        **ERRORS, 404: {"model": ErrorBody}})
+    async def job_events(job_id: str, request: Request, _caller: str = guard):
+        """Live progress of a job as Server-Sent Events, relayed from the workers through Redis."""
+        job_id = job_id[:64]
+        hub: EventHub = request.app.state.events
+        watch = hub.watch(job_id)  # before the first read, so an ending published meanwhile is not missed
+        try:
+            record = await job_record(request.app.state.redis, job_id)
+        except BaseException:
+            hub.unwatch(job_id, watch)
+            raise
+        if record is None:
+            hub.unwatch(job_id, watch)
+            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+        return StreamingResponse(event_stream(request.app.state.redis, hub, job_id, watch, record),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def event_stream(r: aioredis.Redis, hub: EventHub, job_id: str, watch: Watch, record):
+        st, fields = record
+        sent: tuple | None = None
+        last_position_check = -1e9
+        try:
+            while True:
+                if st.status in ("done", "failed"):
+                    yield job_end_event(st)
+                    return
+                if watch.progress is not None:
+                    if watch.progress != sent:
+                        sent = watch.progress
+                        yield sse("progress", {"id": job_id, "step": sent[0], "steps": sent[1]})
+                elif watch.queue_moved and time.monotonic() - last_position_check >= 1.0:
+                    watch.queue_moved, last_position_check = False, time.monotonic()
+                    queued = await queue_position(r, fields)
+                    if queued != sent:
+                        sent = queued
+                        yield sse("queued", {"id": job_id, "position": queued[0], "estimated_start_s": queued[1]})
+                watch.changed.clear()
+                # Wake on a message for this job; a queued stream rechecks its position at most once a second.
+                recheck = watch.ended
+                try:
+                    await asyncio.wait_for(watch.changed.wait(), 1.0 if watch.queue_moved else SSE_KEEPALIVE_S)
+                    recheck = watch.ended
+                except TimeoutError:
+                    if not watch.queue_moved:  # a quiet while: keep proxies from closing the stream, and
+                        yield b": keep-alive\n\n"  # read the status again in case a message was lost
+                        recheck = True
+                if recheck:
+                    watch.ended = False
+                    again = await job_record(r, job_id)
+                    if again is None:
+                        yield sse("failed", {"id": job_id, "error": "expired", "message": "the job expired"})
+                        return
+                    st, fields = again
+                await asyncio.sleep(SSE_MIN_INTERVAL_S)  # coalesce: at most a few events a second
+        finally:
+            hub.unwatch(job_id, watch)
+
+    async def queue_position(r: aioredis.Redis, fields: dict[str, str]) -> tuple[int | None, float | None]:
+        """(jobs ahead not yet started, estimated seconds to start) of a queued job: an estimate."""
+        if "enqueued_at" not in fields:
+            return None, None
+        ms = int(float(fields["enqueued_at"]) * 1000)
+        pipe = r.pipeline(transaction=False)
+        pipe.xrange(keys.stream, "-", str(ms - 1), count=settings.max_queue_length + 1000)
+        pipe.xpending(keys.stream, GROUP)
+        older, pending = await pipe.execute()
+        position = max(0, len(older) - int(pending["pending"]))  # entries ahead minus the ones being run
+        rate = sum(w.get("images_per_s", 0.0) for w in await live_workers(r, keys, settings.heartbeat_ttl_s))
+        return position, (round(position / rate, 2) if rate > 0 else None)
+
+    def job_end_event(st: JobStatus) -> bytes:
+        if st.status == "done":
+            return sse("done", {"id": st.id, "image_url": f"/jobs/{st.id}/image", "status_url": f"/jobs/{st.id}",
+                                "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "cache": st.cache})
+        return sse("failed", {"id": st.id, "error": st.error or "failed", "message": st.message or "generation failed"})
 
     @app.get("/", include_in_schema=False)
     async def playground():
@@ -290,12 +401,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             await r.ping()
         except Exception:  # noqa: BLE001
             return error(503, "not_ready", "redis unreachable")
-        workers = []
-        async for k in r.scan_iter(match=keys.heartbeat_pattern, count=100):
-            raw = await r.get(k)
-            if raw:
-                workers.append(json.loads(raw))
-        fresh = [w for w in workers if time.time() - w.get("ts", 0) < settings.heartbeat_ttl_s]
+        fresh = await live_workers(r, keys, settings.heartbeat_ttl_s)
         if not fresh:
             return error(503, "not_ready", "no worker with a fresh heartbeat and a loaded engine")
         return {"status": "ready", "workers": len(fresh), "model_versions": sorted({w["model_version"] for w in fresh})}
@@ -310,17 +416,28 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model", response_model=ModelInfo)
-    async def model_info():
+    async def model_info(request: Request):
+        """The model card: the bundle as this API reads it, and what each live worker really runs."""
         model.poll()
         spec, version = model.spec, model.version
+        workers = await live_workers(request.app.state.redis, keys, settings.heartbeat_ttl_s)
         return ModelInfo(
             name=spec.name, version=version, num_classes=spec.num_classes, class_names=spec.class_names,
-            resolution=spec.image_size, latent_shape=list(spec.latent_shape), backend=settings.backend,
-            precision=settings.precision, presets={k: p.to_dict() for k, p in spec.presets.items()},
-            default_preset=spec.default_preset,
+            resolution=spec.image_size, latent_shape=list(spec.latent_shape),
+            presets={k: p.to_dict() for k, p in spec.presets.items()}, default_preset=spec.default_preset,
+            api=ApiView(model_version=version, backend=settings.backend, precision=settings.precision),
+            workers=[WorkerInfo(**{k: w[k] for k in WorkerInfo.model_fields if k in w}) for w in workers],
         )
 
     return app
+
+
+def route_of(app: FastAPI, scope) -> str:
+    """The route template a request matches ("/jobs/{job_id}"), a bounded metric label."""
+    for route in app.router.routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", "other")
+    return "other"
 
 
 def redis_kwargs(settings: Settings) -> dict:

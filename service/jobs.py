@@ -40,6 +40,11 @@ class Keys:
     def notify(self, api_id: str) -> str:
         return f"{self.prefix}:notify:{api_id}"
 
+    @property
+    def events(self) -> str:
+        """Pub/sub channel of job progress and endings (read by every API process for SSE)."""
+        return f"{self.prefix}:events"
+
     def heartbeat(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 

@@ -21,6 +21,11 @@ REQUEST_DURATION = Histogram(
     "ldit_inference_request_duration_seconds", "End-to-end time of /generate as the API sees it.",
     buckets=LATENCY_BUCKETS,
 )
+HTTP_REQUESTS = Counter(
+    "ldit_http_requests", "Every HTTP answer, by route template and status class (2xx, 4xx, 5xx...).",
+    ["endpoint", "status_class"],
+)
+SSE_STREAMS = Gauge("ldit_sse_streams", "Open Server-Sent Events streams (GET /jobs/{id}/events) of this process.")
 PENDING_REQUESTS = Gauge("ldit_inference_pending_request_count", "Jobs in the queue stream (waiting or running).")
 CACHE_HITS = Counter("ldit_result_cache_hits", "Requests answered from the result cache.")
 QUEUE_FULL = Counter("ldit_queue_full_rejections", "Requests refused with 429 because the queue was full.")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, WithJsonSchema
 
 from model.bundle import BundleSpec
+from model.classes import DIGITS, UnknownClass
 from model.sampling import SamplerPreset
 
 MAX_SEED = 2**63
+DIGITS_PATTERN = "^[0-9]{1,19}$"
 
 
 def _json_int(value):
@@ -37,6 +38,31 @@ def json_int(**bounds):
     return Annotated[int, Field(**bounds), BeforeValidator(_json_int)]
 
 
+def _numeric_int(value):
+    """The one rule for numeric strings, for `seed` and `class_label` alike: "42" means 42.
+
+    At most 19 ASCII digits ("²" or "٣" is not a number here). A class label string is a
+    name first: model/classes.py reads digits as an id only when no class has that name.
+    """
+    if isinstance(value, str):
+        if not DIGITS.fullmatch(value):
+            raise ValueError("must be an integer, or a string of at most 19 ASCII digits")
+        return int(value)
+    return _json_int(value)
+
+
+def numeric_int(**bounds):
+    """An integer that may also come as a string of digits (published as both in the JSON Schema)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_numeric_int),
+                     WithJsonSchema({"anyOf": [{"type": "integer", **_schema_bounds(bounds)},
+                                               {"type": "string", "pattern": DIGITS_PATTERN}]})]
+
+
+def _schema_bounds(bounds: dict) -> dict:
+    names = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+    return {names[k]: v for k, v in bounds.items()}
+
+
 def json_number(**bounds):
     return Annotated[float, Field(**bounds), BeforeValidator(_json_number)]
 
@@ -44,8 +70,10 @@ def json_number(**bounds):
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    class_label: json_int() | StrictStr = Field(description="Class id, or a class name of this model.")
-    seed: json_int(ge=0, lt=MAX_SEED) = Field(description="Seed of the initial noise.")
+    class_label: json_int() | StrictStr = Field(
+        description="Class id (an integer, or a string of ASCII digits), or a class name or synonym of this model.")
+    seed: numeric_int(ge=0, lt=MAX_SEED) = Field(
+        description="Seed of the initial noise: an integer, or a string of ASCII digits.")
     preset: StrictStr | None = Field(None, max_length=64, description="Sampler preset; default: the model's.")
     steps: json_int(ge=2, le=1000) | None = Field(None, description="Time-grid points (N points = N-1 steps).")
     cfg_scale: json_number(ge=0, le=100) | None = Field(None, description="CFG scale (<= 1: off).")
@@ -63,23 +91,11 @@ class FieldError(ValueError):
 
 
 def resolve_class(spec: BundleSpec, label: int | str) -> int:
-    if isinstance(label, int):
-        if not 0 <= label < spec.num_classes:
-            raise FieldError("class_label", f"class id {label} is out of range [0, {spec.num_classes})")
-        return label
-    names = spec.class_names
-    if label in names:
-        return names.index(label)
-    lowered = {n.lower(): i for i, n in enumerate(names)}
-    if label.strip().lower() in lowered:
-        return lowered[label.strip().lower()]
-    if label.strip().isdigit():
-        return resolve_class(spec, int(label.strip()))
-    close = difflib.get_close_matches(label.lower(), list(lowered), n=5, cutoff=0.5)
-    raise FieldError(
-        "class_label", f"unknown class name {label!r}",
-        closest=[names[lowered[c]] for c in close],
-    )
+    """A class id from an id, a digit string, a name or a synonym (model/classes.py)."""
+    try:
+        return spec.classes.resolve(label)
+    except UnknownClass as err:
+        raise FieldError("class_label", str(err), closest=err.suggestions) from None
 
 
 def resolve_preset(spec: BundleSpec, req: GenerateRequest) -> SamplerPreset:
@@ -114,19 +130,45 @@ class JobStatus(BaseModel):
     compute_ms: float | None = None
     batch_size: int | None = None
     model_version: str | None = None
+    cache: str = Field("miss", description="hit: answered from the result cache, nothing was queued or computed.")
+
+
+class WorkerInfo(BaseModel):
+    """What one live worker runs, from its last heartbeat."""
+
+    name: str
+    model_version: str
+    backend: str
+    precision: str
+    device: str
+    max_rows: int | None = Field(None, description="Most DiT rows per forward (LDIT_MAX_BATCH_SIZE).")
+    batching: str | None = None
+    active: int = Field(0, description="Samples it was denoising at its last heartbeat.")
+    age_s: float = Field(description="Seconds since its last heartbeat.")
+
+
+class ApiView(BaseModel):
+    """This API process's own view: the bundle it validates requests against and its settings.
+
+    The API runs no model: its backend and precision are only what it is configured with;
+    `workers` says what really runs."""
+
+    model_version: str
+    backend: str
+    precision: str
 
 
 class ModelInfo(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="Version of the bundle the API validates against (see `api`, `workers`).")
     num_classes: int
     class_names: list[str]
     resolution: int
     latent_shape: list[int]
-    backend: str
-    precision: str
     presets: dict[str, dict]
     default_preset: str
+    api: ApiView
+    workers: list[WorkerInfo] = Field(description="Live workers (fresh heartbeats): what really generates images.")
 
 
 class ErrorBody(BaseModel):

@@ -38,6 +38,7 @@ from service.settings import Settings
 log = logging.getLogger("ldit.worker")
 
 IDLE_BLOCK_MS = 500  # how long an idle worker blocks on the stream before checking its stop flag
+PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per worker, whatever the step rate
 
 
 def default_worker_name() -> str:
@@ -80,6 +81,9 @@ class Worker:
         self._lock = threading.Lock()
         self._busy_s = 0.0
         self._last_reclaim = 0.0
+        self._last_progress = 0.0
+        self._images = 0  # finished since the last heartbeat
+        self.images_per_s = 0.0  # smoothed, reported in the heartbeat (estimated start times)
         self._held: list[str] = []  # stream ids of waiting + active jobs, refreshed every tick
 
     # -- the loop ---------------------------------------------------------------------
@@ -132,6 +136,18 @@ class Worker:
             was_active = bool(self.scheduler.active)
             self._on_admit(self.scheduler.admit_waiting(self.waiting), was_active)
         self._step()
+        self._publish_progress()
+
+    def _publish_progress(self) -> None:
+        """Step k of N of every active sample: one message for all of them, at most every 0.25 s.
+
+        The API processes relay it to their Server-Sent Events clients (service/events.py)."""
+        now = time.monotonic()
+        if not self.scheduler.active or now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        progress = {s.job.id: [s.step, len(s.grid) - 1] for s in self.scheduler.active}
+        self.r.publish(self.keys.events, json.dumps({"progress": progress}))
 
     def _hot_swap(self) -> None:
         """Load a newly published checkpoint in the background; switch between batches."""
@@ -305,6 +321,8 @@ class Worker:
                 pipe.expire(result, self.s.result_ttl_s)
 
             self._end(job, {"status": "done", "key": key, "meta": meta.to_json()}, store)
+            with self._lock:
+                self._images += 1
             metrics.IMAGES.inc()
             metrics.COMPUTE_DURATION.observe(compute_s)
         except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo it
@@ -341,6 +359,7 @@ class Worker:
             pipe.xdel(self.keys.stream, job.stream_id)
             if job.reply_to:
                 pipe.publish(job.reply_to, job.id)
+            pipe.publish(self.keys.events, json.dumps({"end": {job.id: status["status"]}}))
 
         self._transaction(commands)
 
@@ -383,6 +402,10 @@ class Worker:
                 with self._lock:
                     metrics.BUSY_RATIO.set(min(1.0, self._busy_s / max(1e-9, now - last)))
                     self._busy_s = 0.0
+                    rate, self._images = self._images / max(1e-9, now - last), 0
+                # Smoothed over about ten beats; an idle beat (no work) keeps the last busy rate.
+                if rate > 0 or self.scheduler.active:
+                    self.images_per_s = rate if self.images_per_s == 0 else 0.8 * self.images_per_s + 0.2 * rate
                 last = now
             except Exception:  # noqa: BLE001 - Redis may be restarting; try again next beat
                 log.warning("heartbeat failed", exc_info=True)
@@ -391,7 +414,8 @@ class Worker:
 
     def heartbeat(self) -> None:
         info = {"name": self.name, "model_version": self.version, "active": len(self.scheduler.active),
-                "ts": time.time(), **self.engine_info}
+                "max_rows": self.s.max_batch_size, "batching": self.s.batching,
+                "images_per_s": round(self.images_per_s, 3), "ts": time.time(), **self.engine_info}
         self.r.set(self.keys.heartbeat(self.name), json.dumps(info), px=int(self.s.heartbeat_ttl_s * 1000))
         held = self.held_ids()
         if held:  # keep our jobs' idle time below the visibility timeout

@@ -91,3 +91,43 @@ def test_playground_generates_an_image(service, browser, tmp_path):
     assert "422 invalid_request" in err.text and "class_label" in err.text and "digit-3" in err.text
     assert not img.is_displayed()
     browser.save_screenshot(str(tmp_path / "playground-error.png"))
+
+
+def test_progress_bar_follows_the_job_events(service, browser, tmp_path):
+    """Generate with a long preset: the bar moves through intermediate steps, then the image shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 90)
+    browser.get(service.url + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#preset option")) > 0)
+    Select(browser.find_element(By.ID, "preset")).select_by_value("long")  # 200 points: 199 steps
+    seed = browser.find_element(By.ID, "seed")
+    seed.clear()
+    seed.send_keys("4321")
+    browser.find_element(By.ID, "generate").click()
+    bar = browser.find_element(By.ID, "progress")
+    wait.until(lambda d: 0 < int(float(bar.get_attribute("value"))) < 199)  # caught mid-flight
+    browser.save_screenshot(str(tmp_path / "progress.png"))
+    img = browser.find_element(By.ID, "image")
+    wait.until(lambda d: img.is_displayed() and d.execute_script("return arguments[0].naturalWidth", img) == 32)
+    seen = [int(float(v)) for v in bar.get_attribute("data-seen").split(",") if v]
+    middle = [v for v in seen if 0 < v < 199]
+    assert middle and middle == sorted(middle), seen
+    assert bar.get_attribute("max") == "199" and bar.get_attribute("value") == "199"
+    assert browser.find_element(By.ID, "status").text.startswith("done in")
+    assert "x-seed 4321" in browser.find_element(By.ID, "headers").text
+
+
+def test_swagger_ui_renders_without_a_network(service, browser, tmp_path):
+    """/docs draws the operations from local assets (this machine reaches no CDN)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(service.url + "/docs")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/generate", "/jobs", "/v1/model"} <= paths
+    scripts = browser.execute_script("return [...document.scripts].map((s) => s.src).filter(Boolean)")
+    assert scripts and all(s.startswith(service.url + "/") for s in scripts)
+    browser.save_screenshot(str(tmp_path / "docs.png"))
