@@ -21,7 +21,7 @@ from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import metrics
+from service import batches, metrics
 from service.auth import AuthError, Guard
 from service.docs_ui import mount_docs
 from service.events import EventHub, Watch, sse
@@ -30,7 +30,11 @@ from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.limits import BodySizeLimit
 from service.model_watch import ModelWatcher
 from service.schemas import (
+    MAX_SEED,
     ApiView,
+    BatchAccepted,
+    BatchRequest,
+    BatchStatus,
     ErrorBody,
     FieldError,
     GenerateRequest,
@@ -87,9 +91,13 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         app.state.redis = aioredis.Redis.from_url(redis_url, **redis_kwargs(settings))
         app.state.waiter = ResultWaiter(app.state.redis, keys)
         app.state.events = EventHub(app.state.redis, keys)
+        app.state.tasks = set()  # background work of this process (appending sample-set jobs)
         await app.state.waiter.start()
         await app.state.events.start()
+        background(app, batches.resume_all(app.state.redis, keys, settings.batch_ttl_s))
         yield
+        for task in list(app.state.tasks):
+            task.cancel()
         await app.state.events.stop()
         await app.state.waiter.stop()
         await app.state.redis.aclose()
@@ -382,6 +390,87 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
                                 "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "cache": st.cache})
         return sse("failed", {"id": st.id, "error": st.error or "failed", "message": st.message or "generation failed"})
 
+    # -- sample sets ----------------------------------------------------------------------
+    @app.post("/batches", status_code=202, response_model=BatchAccepted, responses={**ERRORS, 503: {"model": ErrorBody}})
+    async def create_batch(req: BatchRequest, request: Request, _caller: str = guard):
+        """A sample set for FID: `per_class` images of each class, through the queue at a lower priority."""
+        model.poll()
+        spec, version = model.spec, model.version
+        try:
+            classes = list(range(spec.num_classes)) if req.classes == "all" else [
+                resolve_class(spec, c) for c in req.classes]
+        except FieldError as err:
+            raise FieldError("classes", str(err), **err.extra) from None
+        total = len(classes) * req.per_class
+        if total > settings.max_batch_images:
+            raise FieldError("per_class", f"{len(classes)} classes x {req.per_class} = {total} images; "
+                                          f"at most {settings.max_batch_images} (LDIT_MAX_BATCH_IMAGES)")
+        if req.seed_start + req.per_class > MAX_SEED:
+            raise FieldError("seed_start", f"seeds would pass {MAX_SEED - 1}")
+        b = batches.BatchSpec(
+            id=batches.new_batch_id(), classes=classes, per_class=req.per_class, seed_start=req.seed_start,
+            preset_name=req.preset or spec.default_preset, preset=resolve_preset(spec, req),
+            shape=(spec.image_size, spec.image_size, 3), model_version=version, created_at=time.time())
+        r: aioredis.Redis = request.app.state.redis
+        await batches.create(r, keys, b, settings.batch_dir, settings.batch_ttl_s)
+        background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
+        return BatchAccepted(id=b.id, status="running", total=b.total, **batch_urls(b.id))
+
+    @app.get("/batches/{batch_id}", response_model=BatchStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
+    async def get_batch(batch_id: str, request: Request, _caller: str = guard):
+        r: aioredis.Redis = request.app.state.redis
+        found = await batches.read(r, keys, batch_id[:64])
+        if found is None:
+            return error(404, "not_found", f"no sample set {batch_id[:64]!r} (unknown or expired)")
+        b, fields = found
+        if int(fields.get("enqueued", 0)) < b.total:  # its appender may have died: take over (lease permitting)
+            background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
+        return BatchStatus(
+            id=b.id, status=fields.get("status", "running"), **batches.progress(b, fields, time.time()),
+            num_classes=len(b.classes), per_class=b.per_class, seed_start=b.seed_start, preset=b.preset_name,
+            sampler=b.preset.to_dict(), model_version=b.model_version, created_at=b.created_at, **batch_urls(b.id))
+
+    @app.get("/batches/{batch_id}/samples.npz", response_class=StreamingResponse, responses={
+        200: {"content": {"application/octet-stream": {}}, "description": (
+            "The ADM evaluator's .npz: arr_0 uint8 [N, H, W, 3] (class-major), arr_1 int64 labels [N]; streamed.")},
+        **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def batch_samples(batch_id: str, request: Request, _caller: str = guard):
+        found = await finished_batch(request, batch_id[:64])
+        if isinstance(found, Response):
+            return found
+        b, path = found
+        return StreamingResponse(batches.npz_stream(b, path), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": f'attachment; filename="{b.id}.npz"'})
+
+    @app.get("/batches/{batch_id}/images.tar", response_class=StreamingResponse, responses={
+        200: {"content": {"application/x-tar": {}}, "description": "The PNGs, class{K}_seed{S}.png; streamed."},
+        **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def batch_images(batch_id: str, request: Request, _caller: str = guard):
+        found = await finished_batch(request, batch_id[:64])
+        if isinstance(found, Response):
+            return found
+        b, path = found
+        return StreamingResponse(batches.tar_chunks(b, path, settings.png_compress_level),
+                                 media_type="application/x-tar",
+                                 headers={"Content-Disposition": f'attachment; filename="{b.id}.tar"'})
+
+    async def finished_batch(request: Request, batch_id: str):
+        """(spec, file) of a finished set, or the error to answer."""
+        found = await batches.read(request.app.state.redis, keys, batch_id)
+        if found is None:
+            return error(404, "not_found", f"no sample set {batch_id!r} (unknown or expired)")
+        b, fields = found
+        status, done = fields.get("status", "running"), int(fields.get("done", 0))
+        if status == "running":
+            return error(409, "not_ready", f"{done} of {b.total} images done", headers={"Retry-After": "5"})
+        if status == "failed":
+            return error(409, "failed", f"{fields.get('failed')} of {b.total} images failed")
+        path = batches.images_file(settings.batch_dir, b.id)
+        if not path.is_file():
+            return error(503, "unavailable", "the set's file is not in this API's LDIT_BATCH_DIR; "
+                                             "the API and the workers must share that directory")
+        return b, path
+
     @app.get("/", include_in_schema=False)
     async def playground():
         """A small page to try the API from a browser."""
@@ -430,6 +519,24 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         )
 
     return app
+
+
+def batch_urls(batch_id: str) -> dict[str, str]:
+    return {"status_url": f"/batches/{batch_id}", "samples_url": f"/batches/{batch_id}/samples.npz",
+            "images_url": f"/batches/{batch_id}/images.tar"}
+
+
+def background(app: FastAPI, coro) -> None:
+    """Run `coro` in this process's background, logging (not losing) its failure."""
+
+    def done(task: asyncio.Task) -> None:
+        app.state.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed: %r", task.exception())
+
+    task = asyncio.create_task(coro)
+    app.state.tasks.add(task)
+    task.add_done_callback(done)
 
 
 def route_of(app: FastAPI, scope) -> str:

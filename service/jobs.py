@@ -28,6 +28,27 @@ class Keys:
         return f"{self.prefix}:jobs"
 
     @property
+    def batch_stream(self) -> str:
+        """Jobs of sample sets: read by workers only when the interactive stream has nothing waiting."""
+        return f"{self.prefix}:jobs:batch"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_done(self, batch_id: str) -> str:
+        """Bitmap: bit i set once image i of the set is written (a redelivered job counts once)."""
+        return f"{self.prefix}:batch:{batch_id}:done"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """Held by the API process appending a set's jobs; another takes over when it lapses."""
+        return f"{self.prefix}:batch:{batch_id}:lease"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of every sample set's id, by creation time."""
+        return f"{self.prefix}:batches"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead"
 
@@ -71,6 +92,9 @@ class Job:
     enqueued_at: float = field(default_factory=time.time)
     stream_id: str = ""  # set when read from the stream
     deliveries: int = 1
+    batch: str = ""  # the sample set this job is image `index` of ("" for interactive requests)
+    index: int = 0
+    stream: str = ""  # the stream it was read from (set by the worker)
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -82,6 +106,7 @@ class Job:
             "deadline": repr(self.deadline),
             "enqueued_at": repr(self.enqueued_at),
             "reply_to": self.reply_to,
+            **({"batch": self.batch, "index": str(self.index)} if self.batch else {}),
         }
 
     @classmethod
@@ -99,6 +124,8 @@ class Job:
             enqueued_at=float(f["enqueued_at"]),
             stream_id=stream_id,
             deliveries=deliveries,
+            batch=f.get("batch", ""),
+            index=int(f.get("index", 0)),
         )
 
     def expired(self, now: float | None = None) -> bool:

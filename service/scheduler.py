@@ -17,6 +17,12 @@ Device discipline: every sample's state lives on the engine's device from the
 moment it is admitted (the noise is drawn on the CPU, as the sampler's
 convention says, and moved once). Everything the plan decides (times, labels,
 who is guided) is known on the host, so a step never waits on a device read.
+
+Priority: sample-set jobs (`job.batch`) are priority 1, interactive requests 0. While any
+interactive sample is active, plans hold interactive samples only (sample-set samples keep
+their state and wait), and interactive admission counts interactive rows only; so a running
+sample set costs an interactive request at most the forward in progress, never a share of
+every forward. Sample-set samples are admitted only while no interactive one is active.
 """
 
 from __future__ import annotations
@@ -67,6 +73,15 @@ class Sample:
     def done(self) -> bool:
         return self.step >= len(self.grid) - 1
 
+    @property
+    def priority(self) -> int:
+        return priority(self.job)
+
+
+def priority(job: Job) -> int:
+    """0: an interactive request; 1: an image of a sample set (runs only when 0 has nothing)."""
+    return 1 if job.batch else 0
+
 
 @dataclass
 class StepPlan:
@@ -105,17 +120,21 @@ class Scheduler:
         self._seq = itertools.count()
 
     # -- admission --------------------------------------------------------------
-    def active_rows(self) -> int:
-        return sum(s.rows for s in self.active)
+    def active_rows(self, up_to_priority: int = 1) -> int:
+        return sum(s.rows for s in self.active if s.priority <= up_to_priority)
 
-    def admission_rows(self) -> int:
-        """Rows a new sample may take now (0: admit nothing this step)."""
-        if self.deferred:
+    def interactive_active(self) -> bool:
+        return any(s.priority == 0 for s in self.active)
+
+    def admission_rows(self, priority: int = 0) -> int:
+        """Rows a new sample of this priority may take now (0: admit nothing this step)."""
+        if self.deferred or (priority > 0 and self.interactive_active()):
             return 0
         if self.batching == "request":
             # A whole batch starts together; reserve the worst case (2 rows) per sample.
-            return self.max_rows if not self.active else 0
-        return self.max_rows - self.active_rows()
+            busy = self.interactive_active() if priority == 0 else bool(self.active)
+            return self.max_rows if not busy else 0
+        return self.max_rows - self.active_rows(priority)
 
     @staticmethod
     def rows_at_start(job: Job) -> int:
@@ -125,9 +144,9 @@ class Scheduler:
     def reserved_rows(job: Job) -> int:
         return 2 if job.preset.uses_cfg else 1
 
-    def admit_waiting(self, waiting: deque[Job]) -> list[Sample]:
-        """Admit jobs from the head of `waiting` (FIFO) while their rows fit."""
-        budget, admitted = self.admission_rows(), []
+    def admit_waiting(self, waiting: deque[Job], priority: int = 0) -> list[Sample]:
+        """Admit jobs of one priority from the head of `waiting` (FIFO) while their rows fit."""
+        budget, admitted = self.admission_rows(priority), []
         cost = self.reserved_rows if self.batching == "request" else self.rows_at_start
         while waiting and cost(waiting[0]) <= budget:
             job = waiting.popleft()
@@ -144,13 +163,14 @@ class Scheduler:
 
     # -- one step -----------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
-        """The oldest samples whose rows fit, in admission order."""
+        """The oldest samples of the most urgent priority whose rows fit, in admission order."""
+        pool = [s for s in self.active if s.priority == 0] or self.active
         chosen, rows = [], 0
-        for s in self.active:  # admission order
+        for s in pool:  # admission order
             if rows + s.rows <= self.max_rows:
                 chosen.append(s)
                 rows += s.rows
-        self.deferred = len(self.active) - len(chosen)
+        self.deferred = len(pool) - len(chosen)
         if not chosen:
             return None
         # Guided samples first (a stable sort): the runner then slices their rows instead of gathering them.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, WithJsonSchema
 
@@ -67,18 +67,62 @@ def json_number(**bounds):
     return Annotated[float, Field(**bounds), BeforeValidator(_json_number)]
 
 
-class GenerateRequest(BaseModel):
+class SamplerChoice(BaseModel):
+    """The sampler of a request: a preset of the model, and optional overrides."""
+
     model_config = ConfigDict(extra="forbid")
 
-    class_label: json_int() | StrictStr = Field(
-        description="Class id (an integer, or a string of ASCII digits), or a class name or synonym of this model.")
-    seed: numeric_int(ge=0, lt=MAX_SEED) = Field(
-        description="Seed of the initial noise: an integer, or a string of ASCII digits.")
     preset: StrictStr | None = Field(None, max_length=64, description="Sampler preset; default: the model's.")
     steps: json_int(ge=2, le=1000) | None = Field(None, description="Time-grid points (N points = N-1 steps).")
     cfg_scale: json_number(ge=0, le=100) | None = Field(None, description="CFG scale (<= 1: off).")
     cfg_interval_start: json_number(ge=0, le=1) | None = Field(None, description="Guide only from this t (0 = noise) on.")
     timestep_shift: json_number(ge=0, le=10) | None = Field(None, description="Grid shift (0: none).")
+
+
+class GenerateRequest(SamplerChoice):
+    class_label: json_int() | StrictStr = Field(
+        description="Class id (an integer, or a string of ASCII digits), or a class name or synonym of this model.")
+    seed: numeric_int(ge=0, lt=MAX_SEED) = Field(
+        description="Seed of the initial noise: an integer, or a string of ASCII digits.")
+
+
+class BatchRequest(SamplerChoice):
+    """A sample set: `per_class` images of each class, seeds seed_start, seed_start + 1, ..."""
+
+    classes: Literal["all"] | Annotated[list[json_int() | StrictStr], Field(min_length=1, max_length=100000)] = Field(
+        description='"all", or class ids / names (the set is class-major, in this order).')
+    per_class: json_int(ge=1, le=1_000_000) = Field(description="Images of each class.")
+    seed_start: numeric_int(ge=0, lt=MAX_SEED) = Field(
+        0, description="Seed of each class's first image; image j of a class has seed seed_start + j.")
+
+
+class BatchAccepted(BaseModel):
+    id: str
+    status: str
+    total: int
+    status_url: str
+    samples_url: str
+    images_url: str
+
+
+class BatchStatus(BaseModel):
+    id: str
+    status: str = Field(description="running | done | failed (some images failed; see `failed`)")
+    total: int
+    done: int
+    failed: int
+    enqueued: int = Field(description="Jobs appended to the queue so far (appending resumes after an API restart).")
+    images_per_s: float | None = Field(None, description="Since the first image was done.")
+    eta_s: float | None = Field(None, description="Seconds left at that rate.")
+    num_classes: int
+    per_class: int
+    seed_start: int
+    preset: str
+    sampler: dict
+    model_version: str = Field(description="The model version the API saw when the set was created.")
+    created_at: float
+    samples_url: str
+    images_url: str
 
 
 class FieldError(ValueError):

@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0, description="How often a worker writes its heartbeat.")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="A heartbeat older than this makes /readyz fail.")
 
+    # --- sample sets (POST /batches) ----------------------------------------------------
+    batch_dir: Path = Field(
+        REPO_ROOT / "batches_out",
+        description="Where sample sets' images are written (one raw file per set); the API and every worker must share it.",
+    )
+    max_batch_images: int = Field(100000, ge=1, description="Most images one POST /batches may ask for.")
+    batch_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long a sample set's record lives in Redis (its files stay in batch_dir)."
+    )
+
     # --- worker ------------------------------------------------------------------
     worker_name: str | None = Field(None, description="Consumer name in the group; default host-pid.")
     png_threads: int = Field(2, ge=1, description="Threads that encode PNGs off the compute thread.")

@@ -7,6 +7,12 @@ companions while others are denoising: service.scheduler.DecodeQueue) -> PNG
 encoding, result storage, XACK and the wake-up message run in a thread pool, so
 the accelerator never waits on zlib or Redis.
 
+Two streams: interactive requests, and the jobs of sample sets (POST /batches),
+which a worker reads only when the interactive stream has nothing for it and
+runs only while no interactive sample is active (service/scheduler.py). A
+sample-set image goes to its set's file and is counted in one Lua call
+(service/batches.py) instead of the result cache.
+
 A job is acknowledged (and deleted from the stream) only after its result is
 stored, in one MULTI/EXEC. Jobs this worker holds are re-claimed to itself
 every heartbeat so their idle time stays below the visibility timeout; a
@@ -29,7 +35,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from service import metrics
+from service import batches, metrics
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
 from service.scheduler import DecodeQueue, Sample, Scheduler
@@ -52,11 +58,12 @@ def encode_png(image: np.ndarray, level: int) -> bytes:
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
-    try:
-        r.xgroup_create(keys.stream, GROUP, id="0", mkstream=True)
-    except redis.ResponseError as err:
-        if "BUSYGROUP" not in str(err):
-            raise
+    for stream in (keys.stream, keys.batch_stream):
+        try:
+            r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
 
 
 class Worker:
@@ -75,6 +82,9 @@ class Worker:
         self._swap: tuple | None = None  # a newly loaded model waiting for the active samples to finish
         self._loading: threading.Thread | None = None
         self.waiting: deque[Job] = deque()  # read from the stream, not yet admitted
+        self.waiting_batch: deque[Job] = deque()  # the same for sample-set jobs (lower priority)
+        self._record_batch = r.register_script(batches.RECORD_LUA)
+        self._batch_shapes: dict[str, tuple] = {}
         self.finishing: dict[str, Job] = {}  # handed to the PNG pool, not yet acknowledged
         self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
         self.stop_event = threading.Event()
@@ -134,7 +144,9 @@ class Worker:
         self._hot_swap()
         if self._swap is None:  # while a new model waits, the old one only finishes its samples
             was_active = bool(self.scheduler.active)
-            self._on_admit(self.scheduler.admit_waiting(self.waiting), was_active)
+            admitted = self.scheduler.admit_waiting(self.waiting, 0)
+            admitted += self.scheduler.admit_waiting(self.waiting_batch, 1)
+            self._on_admit(admitted, was_active)
         self._step()
         self._publish_progress()
 
@@ -146,7 +158,9 @@ class Worker:
         if not self.scheduler.active or now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
-        progress = {s.job.id: [s.step, len(s.grid) - 1] for s in self.scheduler.active}
+        progress = {s.job.id: [s.step, len(s.grid) - 1] for s in self.scheduler.active if not s.job.batch}
+        if not progress:
+            return
         self.r.publish(self.keys.events, json.dumps({"progress": progress}))
 
     def _hot_swap(self) -> None:
@@ -173,27 +187,42 @@ class Worker:
 
     def _drain(self) -> None:
         """On stop: release jobs not yet started, finish the ones in flight."""
-        self._release(list(self.waiting))
+        self._release(list(self.waiting) + list(self.waiting_batch))
         self.waiting.clear()
+        self.waiting_batch.clear()
         while self.scheduler.active or self.decodes:
             self._expire(time.time())
             self._step()
 
     # -- intake ---------------------------------------------------------------------
-    def _read(self, count: int, block_ms: int | None) -> list[Job]:
-        reply = self.r.xreadgroup(GROUP, self.name, {self.keys.stream: ">"}, count=count, block=block_ms)
+    def _read(self, count: int, block_ms: int | None, streams: tuple[str, ...] | None = None) -> list[Job]:
+        streams = streams or (self.keys.stream,)
+        reply = self.r.xreadgroup(GROUP, self.name, {s: ">" for s in streams}, count=count, block=block_ms)
         jobs = []
-        for _stream, entries in reply or []:
+        for stream, entries in reply or []:
             for entry_id, fields in entries:
-                jobs.append(self._parse(entry_id, fields, deliveries=1))
+                jobs.append(self._parse(entry_id, fields, deliveries=1, stream=stream))
         return [j for j in jobs if j is not None]
 
+    def _queue(self, jobs: list[Job], front: bool = False) -> None:
+        for job in (reversed(jobs) if front else jobs):
+            q = self.waiting_batch if job.batch else self.waiting
+            q.appendleft(job) if front else q.append(job)
+
     def _read_jobs(self) -> None:
-        budget = self.scheduler.admission_rows() - len(self.waiting)
+        budget = self.scheduler.admission_rows(0) - len(self.waiting)
         if budget <= 0:
             return
-        idle = not self.scheduler.active and not self.waiting
-        jobs = self._read(budget, IDLE_BLOCK_MS if idle else None)
+        idle = not self.scheduler.active and not self.waiting and not self.waiting_batch
+        if idle:  # block on both streams; whichever has work wakes the worker
+            jobs = self._read(budget, IDLE_BLOCK_MS, (self.keys.stream, self.keys.batch_stream))
+        else:
+            jobs = self._read(budget, None)
+            if not jobs and not self.waiting and not self.scheduler.interactive_active():
+                # nothing interactive waiting or running: sample-set jobs may fill the free rows
+                low = self.scheduler.admission_rows(1) - len(self.waiting_batch)
+                if low > 0:
+                    jobs = self._read(low, None, (self.keys.batch_stream,))
         if idle and jobs and self.s.max_queue_delay_ms > 0 and len(jobs) < budget:
             # Triton's max_queue_delay: give a fuller first batch a moment to form.
             deadline = time.monotonic() + self.s.max_queue_delay_ms / 1000
@@ -202,44 +231,51 @@ class Worker:
                 if not more:
                     break
                 jobs += more
-        self.waiting.extend(jobs)
+        self._queue(jobs)
 
-    def _parse(self, entry_id, fields, deliveries: int) -> Job | None:
+    def _parse(self, entry_id, fields, deliveries: int, stream: str | bytes | None = None) -> Job | None:
         entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        stream = (stream.decode() if isinstance(stream, bytes) else stream) or self.keys.stream
         try:
-            return Job.from_fields(fields, stream_id=entry_id, deliveries=deliveries)
+            job = Job.from_fields(fields, stream_id=entry_id, deliveries=deliveries)
+            job.stream = stream
+            return job
         except Exception as err:  # noqa: BLE001 - a malformed entry must not stop the worker
             log.warning("malformed job entry %s: %r", entry_id, err)
             self.r.xadd(self.keys.dead_letters, {"entry": entry_id, "error": f"malformed: {err!r}"}, maxlen=10000)
-            self.r.xack(self.keys.stream, GROUP, entry_id)
-            self.r.xdel(self.keys.stream, entry_id)
+            self.r.xack(stream, GROUP, entry_id)
+            self.r.xdel(stream, entry_id)
             metrics.DEAD_LETTERS.inc()
             return None
 
     def _reclaim(self) -> None:
         """XAUTOCLAIM jobs idle past the visibility timeout; poison jobs go to the dead-letter stream."""
-        reply = self.r.xautoclaim(self.keys.stream, GROUP, self.name, self.s.visibility_timeout_ms,
-                                  start_id="0-0", count=max(1, self.s.max_batch_size))
-        for entry_id, fields in reply[1]:
-            if fields is None:
-                continue
-            eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            info = self.r.xpending_range(self.keys.stream, GROUP, min=eid, max=eid, count=1)
-            deliveries = int(info[0]["times_delivered"]) if info else 1
-            job = self._parse(eid, fields, deliveries)
-            if job is None:
-                continue
-            metrics.RECLAIMED.inc()
-            if deliveries > self.s.max_deliveries:
-                self._dead_letter(job, f"delivered {deliveries} times without completing")
-            else:
-                log.info("reclaimed job", extra={"request_id": job.id, "deliveries": deliveries})
-                self.waiting.appendleft(job)  # it is older than anything read since
+        for stream in (self.keys.stream, self.keys.batch_stream):
+            reply = self.r.xautoclaim(stream, GROUP, self.name, self.s.visibility_timeout_ms,
+                                      start_id="0-0", count=max(1, self.s.max_batch_size))
+            reclaimed = []
+            for entry_id, fields in reply[1]:
+                if fields is None:
+                    continue
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                info = self.r.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
+                deliveries = int(info[0]["times_delivered"]) if info else 1
+                job = self._parse(eid, fields, deliveries, stream)
+                if job is None:
+                    continue
+                metrics.RECLAIMED.inc()
+                if deliveries > self.s.max_deliveries:
+                    self._dead_letter(job, f"delivered {deliveries} times without completing")
+                else:
+                    log.info("reclaimed job", extra={"request_id": job.id, "deliveries": deliveries})
+                    reclaimed.append(job)
+            self._queue(reclaimed, front=True)  # they are older than anything read since
 
     def _expire(self, now: float) -> None:
-        for job in [j for j in self.waiting if j.expired(now)]:
-            self.waiting.remove(job)
-            self._fail(job, "timeout", "the request's deadline passed before it could start")
+        for queue in (self.waiting, self.waiting_batch):
+            for job in [j for j in queue if j.expired(now)]:
+                queue.remove(job)
+                self._fail(job, "timeout", "the request's deadline passed before it could start")
         for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
             self._fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
 
@@ -250,6 +286,8 @@ class Worker:
         pipe = self.r.pipeline(transaction=False)
         for sample in samples:
             job = sample.job
+            if job.batch:  # a sample-set image has no job hash: its set counts it when done
+                continue
             metrics.QUEUE_DURATION.observe(max(0.0, sample.admitted_at - job.enqueued_at))
             pipe.hset(self.keys.job(job.id), mapping={"status": "running", "worker": self.name})
         if mid_flight:
@@ -258,8 +296,9 @@ class Worker:
 
     # -- compute ------------------------------------------------------------------------
     def _step(self) -> None:
-        self._held = [j.stream_id for j in (*self.waiting, *(s.job for s in (*self.scheduler.active,
-                                                                            *self.decodes.waiting)))]
+        self._held = [(j.stream, j.stream_id)
+                      for j in (*self.waiting, *self.waiting_batch,
+                                *(s.job for s in (*self.scheduler.active, *self.decodes.waiting)))]
         plan = self.scheduler.schedule()
         metrics.ACTIVE_SLOTS.set(len(self.scheduler.active))
         if plan is None:
@@ -300,6 +339,8 @@ class Worker:
             self.pool.submit(self._store, sample, image, seconds, self.version)
 
     def _store(self, sample: Sample, image: np.ndarray, decode_s: float, version: str) -> None:
+        if sample.job.batch:
+            return self._store_batch_image(sample, image, decode_s)
         job = sample.job
         # The result is filed under the version that really made it: after a hot swap the
         # API may have keyed the request with a version this worker had not switched to yet.
@@ -331,6 +372,45 @@ class Worker:
             with self._lock:
                 self.finishing.pop(job.id, None)
 
+    def _store_batch_image(self, sample: Sample, image: np.ndarray, decode_s: float) -> None:
+        """A sample-set image: into its set's file at its index, then counted once and acknowledged."""
+        job = sample.job
+        try:
+            shape = self._batch_shape(job.batch)
+            if shape is None:
+                self._fail(job, "expired", "the sample set is gone")
+            elif tuple(image.shape) != shape:
+                self._fail(job, "shape", f"the model makes {tuple(image.shape)} images; the set wants {shape}")
+            else:
+                batches.write_image(self.s.batch_dir, job, image)
+                self._record(job, "done")
+                with self._lock:
+                    self._images += 1
+                metrics.IMAGES.inc()
+                metrics.COMPUTE_DURATION.observe(sample.compute_s + decode_s)
+        except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo it
+            log.exception("storing image %d of sample set %s failed", job.index, job.batch)
+        finally:
+            with self._lock:
+                self.finishing.pop(job.id, None)
+
+    def _batch_shape(self, batch_id: str) -> tuple | None:
+        if batch_id not in self._batch_shapes:
+            raw = self.r.hget(self.keys.batch(batch_id), "shape")
+            if raw is None:
+                return None
+            self._batch_shapes[batch_id] = tuple(json.loads(raw))
+        return self._batch_shapes[batch_id]
+
+    def _record(self, job: Job, outcome: str) -> None:
+        """Count a sample-set job once (done or failed) and acknowledge it: one Lua call."""
+
+        def commands(pipe):
+            self._record_batch(keys=[self.keys.batch(job.batch), self.keys.batch_done(job.batch), job.stream],
+                               args=[job.index, GROUP, job.stream_id, repr(time.time()), outcome], client=pipe)
+
+        self._transaction(commands)
+
     def _transaction(self, commands, attempts: int = 20) -> None:
         """Run `commands(pipe)` in one MULTI/EXEC, riding out a short Redis restart.
 
@@ -349,14 +429,16 @@ class Worker:
 
     def _end(self, job: Job, status: dict, extra=None) -> None:
         """Record a job's end, acknowledge and delete its entry, wake its waiter: one transaction."""
+        if job.batch:
+            return self._record(job, status["status"])
 
         def commands(pipe):
             if extra is not None:
                 extra(pipe)
             pipe.hset(self.keys.job(job.id), mapping=status)
             pipe.expire(self.keys.job(job.id), self.s.result_ttl_s)
-            pipe.xack(self.keys.stream, GROUP, job.stream_id)
-            pipe.xdel(self.keys.stream, job.stream_id)
+            pipe.xack(job.stream or self.keys.stream, GROUP, job.stream_id)
+            pipe.xdel(job.stream or self.keys.stream, job.stream_id)
             if job.reply_to:
                 pipe.publish(job.reply_to, job.id)
             pipe.publish(self.keys.events, json.dumps({"end": {job.id: status["status"]}}))
@@ -378,19 +460,25 @@ class Worker:
     def _release(self, jobs: list[Job]) -> None:
         """Hand jobs back to the queue at once (re-added, same id), instead of waiting for XAUTOCLAIM."""
         for job in jobs:
+            stream = job.stream or self.keys.stream
             pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(self.keys.stream, job.to_fields())
-            pipe.xack(self.keys.stream, GROUP, job.stream_id)
-            pipe.xdel(self.keys.stream, job.stream_id)
+            pipe.xadd(stream, job.to_fields())
+            pipe.xack(stream, GROUP, job.stream_id)
+            pipe.xdel(stream, job.stream_id)
             pipe.execute()
         if jobs:
             log.info("released jobs", extra={"count": len(jobs)})
 
     # -- heartbeat ------------------------------------------------------------------------
-    def held_ids(self) -> list[str]:
+    def held_ids(self) -> dict[str, list[str]]:
+        """Stream entry ids of every job this worker holds, by stream."""
         with self._lock:
-            finishing = [j.stream_id for j in self.finishing.values()]
-        return [i for i in (*self._held, *finishing) if i]
+            finishing = [(j.stream, j.stream_id) for j in self.finishing.values()]
+        held: dict[str, list[str]] = {}
+        for stream, entry in (*self._held, *finishing):
+            if entry:
+                held.setdefault(stream or self.keys.stream, []).append(entry)
+        return held
 
     def _heartbeat_loop(self) -> None:
         """Beat at once (readiness), then every interval until stopped and drained."""
@@ -417,6 +505,5 @@ class Worker:
                 "max_rows": self.s.max_batch_size, "batching": self.s.batching,
                 "images_per_s": round(self.images_per_s, 3), "ts": time.time(), **self.engine_info}
         self.r.set(self.keys.heartbeat(self.name), json.dumps(info), px=int(self.s.heartbeat_ttl_s * 1000))
-        held = self.held_ids()
-        if held:  # keep our jobs' idle time below the visibility timeout
-            self.r.xclaim(self.keys.stream, GROUP, self.name, 0, held, justid=True)
+        for stream, held in self.held_ids().items():  # keep our jobs' idle time below the visibility timeout
+            self.r.xclaim(stream, GROUP, self.name, 0, held, justid=True)

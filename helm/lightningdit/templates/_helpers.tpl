@@ -108,6 +108,7 @@ owns. A null renders as an empty string.
 {{- $_ := set $s "redis_password_file" (include "lightningdit.redisPasswordPath" .) }}
 {{- $_ := set $s "model_dir" .Values.model.dir }}
 {{- $_ := set $s "engine_dir" "/engines" }}
+{{- $_ := set $s "batch_dir" "/batches" }}
 {{- $_ := set $s "api_keys_file" (ternary (include "lightningdit.apiKeysPath" .) "" (ne .Values.api.apiKeys.existingSecret "")) }}
 {{- $_ := set $s "worker_name" "" }}
 {{- range $k := keys $s | sortAlpha }}
@@ -130,6 +131,8 @@ LDIT_{{ upper $k }}: {{ include "lightningdit.envValue" $v }}
 - name: models
   {{- toYaml . | nindent 2 }}
 {{- end }}
+- name: batches
+  {{- toYaml .Values.batches.volume | nindent 2 }}
 {{- end }}
 
 {{- define "lightningdit.commonMounts" -}}
@@ -143,6 +146,8 @@ LDIT_{{ upper $k }}: {{ include "lightningdit.envValue" $v }}
   mountPath: /models
   readOnly: true
 {{- end }}
+- name: batches
+  mountPath: /batches
 {{- end }}
 
 {{/* One setting as a quoted env value: null -> "", whole floats without exponent (1e+06). */}}
