@@ -24,11 +24,11 @@ OUTSIDE = {
     "models/rmsnorm.py": "a module of the official LightningDiT code the fixtures were made with",
     "extract_features.py": "the official repository's latent extraction script",
     "shared/reference/LIGHTNINGDIT_FACTS.md": "the team's reference notes beside the repository",
-    "dataset.json": "written by model.extract_latents into the latents directory",
+    "dataset.json": "written by training.extract_latents into the latents directory",
 }
 OUTPUT_OPTION = re.compile(r"(?:-o|--out|--json|--npz|--plot|-f|--output-dir)\s+$")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-FILE = re.compile(r"(?<![\w/.:*-])([\w.-]+(?:/[\w.-]+)*\.(?:md|py|json|ya?ml|sh|toml|png|txt|csv|tpl|npz|html))\b")
+FILE = re.compile(r"(?<![\w/.:*<>-])([\w.-]+(?:/[\w.-]+)*\.(?:md|py|json|ya?ml|sh|toml|png|txt|csv|tpl|npz|html))\b")
 URL = re.compile(r"[a-z]+://\S+")
 
 
