@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,18 +23,17 @@ from starlette.routing import Match
 
 from service import batches, metrics
 from service.auth import AuthError, Guard
+from service.batches_api import add_batch_routes, background
 from service.docs_ui import mount_docs
-from service.events import EventHub, Watch, sse
+from service.errors import ERRORS, error
+from service.events import EventHub
+from service.events_api import add_event_routes
 from service.heartbeats import live_workers
-from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
+from service.jobs import Job, Keys, ResultMeta, result_key
 from service.limits import BodySizeLimit
 from service.model_watch import ModelWatcher
 from service.schemas import (
-    MAX_SEED,
     ApiView,
-    BatchAccepted,
-    BatchRequest,
-    BatchStatus,
     ErrorBody,
     FieldError,
     GenerateRequest,
@@ -52,16 +51,6 @@ log = logging.getLogger("ldit.api")
 
 PNG = "image/png"
 STATIC = Path(__file__).resolve().parent / "static"
-# Errors any protected route may answer: auth, rate limit / full queue, bad input, too large.
-ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}
-SSE_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
-SSE_MIN_INTERVAL_S = 0.2  # progress reaches a client at most 5 times a second
-
-
-def error(status: int, code: str, message: str, detail: list | None = None, headers: dict | None = None):
-    body = ErrorBody(error=code, message=message, detail=detail).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=status, headers=headers)
-
 
 def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
     """The PNG with this request's own timings. A cache hit queued and computed nothing
@@ -309,167 +298,8 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return error(404, "expired", "the image expired")
         return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=fields.get("cache") == "hit")
 
-    @app.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
-        200: {"content": {"text/event-stream": {}}, "description": (
-            "Server-Sent Events: `queued` {position, estimated_start_s}, `progress` {step, steps} (at most "
-            "4 a second), then `done` {image_url, ...} or `failed` {error, message}; the stream then ends.")},
-        **ERRORS, 404: {"model": ErrorBody}})
-    async def job_events(job_id: str, request: Request, _caller: str = guard):
-        """Live progress of a job as Server-Sent Events, relayed from the workers through Redis."""
-        job_id = job_id[:64]
-        hub: EventHub = request.app.state.events
-        watch = hub.watch(job_id)  # before the first read, so an ending published meanwhile is not missed
-        try:
-            record = await job_record(request.app.state.redis, job_id)
-        except BaseException:
-            hub.unwatch(job_id, watch)
-            raise
-        if record is None:
-            hub.unwatch(job_id, watch)
-            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
-        return StreamingResponse(event_stream(request.app.state.redis, hub, job_id, watch, record),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def event_stream(r: aioredis.Redis, hub: EventHub, job_id: str, watch: Watch, record):
-        st, fields = record
-        sent: tuple | None = None
-        last_position_check = -1e9
-        try:
-            while True:
-                if st.status in ("done", "failed"):
-                    yield job_end_event(st)
-                    return
-                if watch.progress is not None:
-                    if watch.progress != sent:
-                        sent = watch.progress
-                        yield sse("progress", {"id": job_id, "step": sent[0], "steps": sent[1]})
-                elif watch.queue_moved and time.monotonic() - last_position_check >= 1.0:
-                    watch.queue_moved, last_position_check = False, time.monotonic()
-                    queued = await queue_position(r, fields)
-                    if queued != sent:
-                        sent = queued
-                        yield sse("queued", {"id": job_id, "position": queued[0], "estimated_start_s": queued[1]})
-                watch.changed.clear()
-                # Wake on a message for this job; a queued stream rechecks its position at most once a second.
-                recheck = watch.ended
-                try:
-                    await asyncio.wait_for(watch.changed.wait(), 1.0 if watch.queue_moved else SSE_KEEPALIVE_S)
-                    recheck = watch.ended
-                except TimeoutError:
-                    if not watch.queue_moved:  # a quiet while: keep proxies from closing the stream, and
-                        yield b": keep-alive\n\n"  # read the status again in case a message was lost
-                        recheck = True
-                if recheck:
-                    watch.ended = False
-                    again = await job_record(r, job_id)
-                    if again is None:
-                        yield sse("failed", {"id": job_id, "error": "expired", "message": "the job expired"})
-                        return
-                    st, fields = again
-                await asyncio.sleep(SSE_MIN_INTERVAL_S)  # coalesce: at most a few events a second
-        finally:
-            hub.unwatch(job_id, watch)
-
-    async def queue_position(r: aioredis.Redis, fields: dict[str, str]) -> tuple[int | None, float | None]:
-        """(jobs ahead not yet started, estimated seconds to start) of a queued job: an estimate."""
-        if "enqueued_at" not in fields:
-            return None, None
-        ms = int(float(fields["enqueued_at"]) * 1000)
-        pipe = r.pipeline(transaction=False)
-        pipe.xrange(keys.stream, "-", str(ms - 1), count=settings.max_queue_length + 1000)
-        pipe.xpending(keys.stream, GROUP)
-        older, pending = await pipe.execute()
-        position = max(0, len(older) - int(pending["pending"]))  # entries ahead minus the ones being run
-        rate = sum(w.get("images_per_s", 0.0) for w in await live_workers(r, keys, settings.heartbeat_ttl_s))
-        return position, (round(position / rate, 2) if rate > 0 else None)
-
-    def job_end_event(st: JobStatus) -> bytes:
-        if st.status == "done":
-            return sse("done", {"id": st.id, "image_url": f"/jobs/{st.id}/image", "status_url": f"/jobs/{st.id}",
-                                "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "cache": st.cache})
-        return sse("failed", {"id": st.id, "error": st.error or "failed", "message": st.message or "generation failed"})
-
-    # -- sample sets ----------------------------------------------------------------------
-    @app.post("/batches", status_code=202, response_model=BatchAccepted, responses={**ERRORS, 503: {"model": ErrorBody}})
-    async def create_batch(req: BatchRequest, request: Request, _caller: str = guard):
-        """A sample set for FID: `per_class` images of each class, through the queue at a lower priority."""
-        model.poll()
-        spec, version = model.spec, model.version
-        try:
-            classes = list(range(spec.num_classes)) if req.classes == "all" else [
-                resolve_class(spec, c) for c in req.classes]
-        except FieldError as err:
-            raise FieldError("classes", str(err), **err.extra) from None
-        total = len(classes) * req.per_class
-        if total > settings.max_batch_images:
-            raise FieldError("per_class", f"{len(classes)} classes x {req.per_class} = {total} images; "
-                                          f"at most {settings.max_batch_images} (LDIT_MAX_BATCH_IMAGES)")
-        if req.seed_start + req.per_class > MAX_SEED:
-            raise FieldError("seed_start", f"seeds would pass {MAX_SEED - 1}")
-        b = batches.BatchSpec(
-            id=batches.new_batch_id(), classes=classes, per_class=req.per_class, seed_start=req.seed_start,
-            preset_name=req.preset or spec.default_preset, preset=resolve_preset(spec, req),
-            shape=(spec.image_size, spec.image_size, 3), model_version=version, created_at=time.time())
-        r: aioredis.Redis = request.app.state.redis
-        await batches.create(r, keys, b, settings.batch_dir, settings.batch_ttl_s)
-        background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
-        return BatchAccepted(id=b.id, status="running", total=b.total, **batch_urls(b.id))
-
-    @app.get("/batches/{batch_id}", response_model=BatchStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
-    async def get_batch(batch_id: str, request: Request, _caller: str = guard):
-        r: aioredis.Redis = request.app.state.redis
-        found = await batches.read(r, keys, batch_id[:64])
-        if found is None:
-            return error(404, "not_found", f"no sample set {batch_id[:64]!r} (unknown or expired)")
-        b, fields = found
-        if int(fields.get("enqueued", 0)) < b.total:  # its appender may have died: take over (lease permitting)
-            background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
-        return BatchStatus(
-            id=b.id, status=fields.get("status", "running"), **batches.progress(b, fields, time.time()),
-            num_classes=len(b.classes), per_class=b.per_class, seed_start=b.seed_start, preset=b.preset_name,
-            sampler=b.preset.to_dict(), model_version=b.model_version, created_at=b.created_at, **batch_urls(b.id))
-
-    @app.get("/batches/{batch_id}/samples.npz", response_class=StreamingResponse, responses={
-        200: {"content": {"application/octet-stream": {}}, "description": (
-            "The ADM evaluator's .npz: arr_0 uint8 [N, H, W, 3] (class-major), arr_1 int64 labels [N]; streamed.")},
-        **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def batch_samples(batch_id: str, request: Request, _caller: str = guard):
-        found = await finished_batch(request, batch_id[:64])
-        if isinstance(found, Response):
-            return found
-        b, path = found
-        return StreamingResponse(batches.npz_stream(b, path), media_type="application/octet-stream",
-                                 headers={"Content-Disposition": f'attachment; filename="{b.id}.npz"'})
-
-    @app.get("/batches/{batch_id}/images.tar", response_class=StreamingResponse, responses={
-        200: {"content": {"application/x-tar": {}}, "description": "The PNGs, class{K}_seed{S}.png; streamed."},
-        **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def batch_images(batch_id: str, request: Request, _caller: str = guard):
-        found = await finished_batch(request, batch_id[:64])
-        if isinstance(found, Response):
-            return found
-        b, path = found
-        return StreamingResponse(batches.tar_chunks(b, path, settings.png_compress_level),
-                                 media_type="application/x-tar",
-                                 headers={"Content-Disposition": f'attachment; filename="{b.id}.tar"'})
-
-    async def finished_batch(request: Request, batch_id: str):
-        """(spec, file) of a finished set, or the error to answer."""
-        found = await batches.read(request.app.state.redis, keys, batch_id)
-        if found is None:
-            return error(404, "not_found", f"no sample set {batch_id!r} (unknown or expired)")
-        b, fields = found
-        status, done = fields.get("status", "running"), int(fields.get("done", 0))
-        if status == "running":
-            return error(409, "not_ready", f"{done} of {b.total} images done", headers={"Retry-After": "5"})
-        if status == "failed":
-            return error(409, "failed", f"{fields.get('failed')} of {b.total} images failed")
-        path = batches.images_file(settings.batch_dir, b.id)
-        if not path.is_file():
-            return error(503, "unavailable", "the set's file is not in this API's LDIT_BATCH_DIR; "
-                                             "the API and the workers must share that directory")
-        return b, path
+    add_event_routes(app, settings, keys, guard, job_record)
+    add_batch_routes(app, settings, keys, model, guard)
 
     @app.get("/", include_in_schema=False)
     async def playground():
@@ -519,24 +349,6 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         )
 
     return app
-
-
-def batch_urls(batch_id: str) -> dict[str, str]:
-    return {"status_url": f"/batches/{batch_id}", "samples_url": f"/batches/{batch_id}/samples.npz",
-            "images_url": f"/batches/{batch_id}/images.tar"}
-
-
-def background(app: FastAPI, coro) -> None:
-    """Run `coro` in this process's background, logging (not losing) its failure."""
-
-    def done(task: asyncio.Task) -> None:
-        app.state.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("background task failed: %r", task.exception())
-
-    task = asyncio.create_task(coro)
-    app.state.tasks.add(task)
-    task.add_done_callback(done)
 
 
 def route_of(app: FastAPI, scope) -> str:

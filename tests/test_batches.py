@@ -129,7 +129,7 @@ async def half_made_set(redis_url: str, batch_dir: str) -> str:
 def test_interactive_requests_run_ahead_of_a_set(cluster):
     procs, *_ = cluster
     api = procs["api"]
-    b = httpx.post(f"{api.url}/batches", json={"classes": [1, 2], "per_class": 40, "steps": 16}).json()
+    b = httpx.post(f"{api.url}/batches", json={"classes": [1, 2], "per_class": 40, "steps": 12}).json()
     while httpx.get(f"{api.url}{b['status_url']}").json()["done"] < 5:
         time.sleep(0.05)
     for seed in range(3):

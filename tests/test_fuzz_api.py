@@ -37,7 +37,9 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 from tests.service_harness import make_tiny_bundle, start_service  # noqa: E402
 
 MAX_EXAMPLES = 50
-MODEL_DEPENDENT = {"class_label", "preset"}  # valid by the schema, checked against the loaded model
+# Valid by the schema, checked against the loaded model (classes, presets) or the deployment's limits
+# (a set's size against LDIT_MAX_BATCH_IMAGES, its last seed seed_start + per_class - 1 against 2**63).
+MODEL_DEPENDENT = {"class_label", "preset", "classes", "per_class", "seed_start"}
 NUMERIC = ("cfg_scale", "cfg_interval_start", "timestep_shift")
 
 
@@ -45,7 +47,8 @@ NUMERIC = ("cfg_scale", "cfg_interval_start", "timestep_shift")
 def service(tmp_path_factory):
     bundle = make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
     env = {"LDIT_MODEL_DIR": str(bundle), "LDIT_REQUEST_TIMEOUT_S": "30", "LDIT_MAX_BATCH_SIZE": "16",
-           "LDIT_MAX_QUEUE_LENGTH": "1000"}
+           "LDIT_MAX_QUEUE_LENGTH": "1000", "LDIT_MAX_BATCH_IMAGES": "40",
+           "LDIT_BATCH_DIR": str(tmp_path_factory.mktemp("batches"))}
     sp = start_service("all", env)  # embedded Redis, API and worker in one process
     for _ in range(100):  # the worker's heartbeat: /readyz answers 200
         if httpx.get(f"{sp.url}/readyz").status_code == 200:
