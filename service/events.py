@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from service import metrics
 from service.jobs import Keys
+from service.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
 
@@ -46,12 +47,7 @@ class EventHub:
         self._task = asyncio.create_task(self._listen(), name="event-hub")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel(self._task)
 
     def watch(self, job_id: str) -> Watch:
         w = Watch()
@@ -94,31 +90,16 @@ class EventHub:
                 w.poke()
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.events)
-                self._poke_all()  # (re)subscribed: whatever was missed, every stream looks again
-                backoff = 0.1
-                while True:
-                    msg = await pubsub.get_message(timeout=5.0)
-                    if msg and msg.get("type") == "message":
-                        try:
-                            self._dispatch(json.loads(msg["data"]))
-                        except (ValueError, TypeError, AttributeError) as err:
-                            log.warning("malformed event message: %r", err)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - reconnect on any connection trouble
-                log.warning("event subscription lost (%r); reconnecting", err)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001
-                    pass
+        async def subscribed() -> None:
+            self._poke_all()  # (re)subscribed: whatever was missed, every stream looks again
+
+        await subscribe_forever(self.r, self.keys.events, self._on_message, subscribed)
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            self._dispatch(json.loads(data))
+        except (ValueError, TypeError, AttributeError) as err:
+            log.warning("malformed event message: %r", err)
 
 
 def sse(event: str, data: dict) -> bytes:

@@ -16,6 +16,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from service.jobs import Keys
+from service.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
 
@@ -38,12 +39,7 @@ class ResultWaiter:
             log.warning("pub/sub subscription not ready yet; requests will wait for it")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel(self._task)
 
     def register(self, job_id: str) -> asyncio.Future:
         """Call before the job is enqueued, so an early wake-up is not missed."""
@@ -60,30 +56,12 @@ class ResultWaiter:
             fut.set_result(job_id)
 
     async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self._subscribed.set()
-                await self._recheck()
-                backoff = 0.1
-                while True:
-                    msg = await pubsub.get_message(timeout=5.0)
-                    if msg and msg.get("type") == "message":
-                        data = msg["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else data)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - reconnect on any connection trouble
-                log.warning("pub/sub connection lost (%r); reconnecting", err)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:  # noqa: BLE001
-                    pass
+        async def subscribed() -> None:
+            self._subscribed.set()
+            await self._recheck()
+
+        await subscribe_forever(self.r, self.channel,
+                                lambda data: self._wake(data.decode() if isinstance(data, bytes) else data), subscribed)
 
     async def _recheck(self) -> None:
         """After (re)subscribing: wake every waiter whose job already ended."""
