@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ONNX_ONLY = 0, 1, 2, 3
+ONNX_STEPS = 4  # export + validate, for the DiT and the VAE decoder
+TRT_STEPS = 3  # a plan for each graph, then the check against PyTorch
 
 
 class Progress:
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         code = up_to_date(args, bundle, profile, trt_ok)
         if code is not None:
             return code
-    steps = 5 + (3 if trt_ok else 0)  # 2 graphs x (export, validate), [2 plans, check both], manifest
+    # The steps docs/engines.md lists: 2 graphs x (export, validate), [2 plans, check], manifest.
+    steps = ONNX_STEPS + (TRT_STEPS if trt_ok else 0) + 1
     progress = Progress(steps)
     print(f"building engines for {bundle.spec.name} ({args.model_dir}) into {args.output_dir}; "
           f"rows {profile['min']}/{profile['opt']}/{profile['max']}", flush=True)

@@ -81,7 +81,10 @@ def export_and_validate(
     progress: Callable[[str], None] = lambda msg: None,
     note: Callable[[str], None] = lambda msg: None,
 ) -> OnnxReport:
-    """Export the DiT and the VAE decoder into out_dir and compare each with PyTorch in ONNX Runtime."""
+    """Export the DiT and the VAE decoder into out_dir and compare each with PyTorch in ONNX Runtime.
+
+    `progress` announces each of the four steps (export, validate; per graph); `note` gets each
+    validation line right after its own step, so it reads under the right header."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dit, vae = bundle.dit.cpu().eval(), bundle.vae.cpu().eval()

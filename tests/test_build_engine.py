@@ -43,6 +43,27 @@ def test_exit_code_and_messages(built):
     assert "max_abs=" in proc.stdout and "[1/" in proc.stdout
 
 
+def test_step_headers_match_the_docs_and_details_sit_under_their_step(built):
+    """[i/n] headers as docs/engines.md lists them; each graph's validation lines under its own step."""
+    _, _, proc = built
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    n = 8 if TRT_OK else 5
+    assert [h.split("]")[0] + "]" for h in headers] == [f"[{i}/{n}]" for i in range(1, n + 1)], headers
+    assert "exporting dit" in headers[0] and "validating dit" in headers[1]
+    assert "exporting vae_decoder" in headers[2] and "validating vae_decoder" in headers[3]
+    assert "manifest" in headers[-1]
+    under, current = {}, None
+    for line in proc.stdout.splitlines():
+        if line.startswith("["):
+            current = line
+        elif line.startswith("      ") and current:
+            under.setdefault(current, []).append(line.strip())
+    assert under[headers[1]] and all(x.startswith("dit: ") for x in under[headers[1]])
+    assert under[headers[3]] and all(x.startswith("vae_decoder: ") for x in under[headers[3]])
+    doc = (REPO / "docs" / "engines.md").read_text()
+    assert "n = 5 without TensorRT, 8 with it" in doc
+
+
 def test_manifest_fields(built):
     bundle, out, _ = built
     m = json.loads((out / "manifest.json").read_text())
