@@ -62,6 +62,9 @@ def missing_references(doc: Path, text: str, names: set[str]) -> list[str]:
         name = m.group(1)
         if name in OUTSIDE or OUTPUT_OPTION.search(text[max(0, m.start() - 20):m.start()]):
             continue
+        before = text[:m.start()]
+        if before.rfind("<") > before.rfind(">"):
+            continue  # inside a placeholder: <name or file.json>
         if re.match(r"^(bench|loadtest)/out/|^engines_out/", name):
             continue  # written by the command next to it
         found = (ROOT / name).exists() or (doc.parent / name).exists() if "/" in name else name in names
@@ -87,5 +90,5 @@ def test_every_referenced_file_exists(doc):
 def test_the_checker_catches_what_it_should():
     doc = ROOT / "docs" / "x.md"
     text = ("see [gone](nothing-here.md), [ok](engines.md), `python bench/nope.py`, DEVELOPERS.md, "
-            "bench/compare.py, `-o seven.png`, https://example.org/a/b.md and ci/*-values.yaml")
+            "bench/compare.py, `-o seven.png`, https://example.org/a/b.md, <name or file.json> and ci/*-values.yaml")
     assert missing_references(doc, text, shipped_names()) == ["DEVELOPERS.md", "bench/nope.py", "nothing-here.md"]
