@@ -10,8 +10,9 @@ written, and any non-finite output fails the build.
     python build_engine.py --model-dir DIR --output-dir OUT --max-rows 32
     python build_engine.py --if-stale            # nothing to do when the manifest still fits
 
-Defaults come from the service settings (LDIT_MODEL_DIR, LDIT_ENGINE_DIR,
-LDIT_MIN_BATCH_SIZE, LDIT_PREFERRED_BATCH_SIZE, LDIT_MAX_BATCH_SIZE).
+Defaults come from engines/build_config.py: the service's variables and defaults
+(LDIT_MODEL_DIR, LDIT_ENGINE_DIR, LDIT_MIN_BATCH_SIZE, LDIT_PREFERRED_BATCH_SIZE,
+LDIT_MAX_BATCH_SIZE).
 
 Exit codes: 0 = everything built (ONNX + TensorRT plans), or already up to date
 with plans; 3 = ONNX only, the TensorRT step was skipped (no tensorrt or no GPU;
@@ -49,9 +50,9 @@ class Progress:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from service.settings import Settings
+    from engines.build_config import EngineBuildConfig
 
-    s = Settings()
+    s = EngineBuildConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="exit codes: 0 all built, 3 ONNX only (TensorRT skipped), 1 failure, 2 usage")

@@ -62,8 +62,8 @@ def load_model(settings: Settings):
 
     if settings.backend in ("onnxruntime", "tensorrt"):
         # Export (and for TensorRT, build) the engines when missing or stale; a no-op otherwise.
-        rc = subprocess.run([sys.executable, str(REPO_ROOT / "build_engine.py"), "--model-dir",
-                             str(settings.model_dir), "--output-dir", str(settings.engine_dir), "--if-stale"]).returncode
+        build_args = settings.engine_build().cli_args()
+        rc = subprocess.run([sys.executable, str(REPO_ROOT / "build_engine.py"), *build_args, "--if-stale"]).returncode
         ok = {0, 3} if settings.backend == "onnxruntime" else {0}  # 3: ONNX only, TensorRT skipped
         if rc not in ok:
             raise SystemExit(f"build_engine.py failed (exit {rc}) for backend {settings.backend}")

@@ -9,10 +9,13 @@ place where defaults are documented.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:  # engines imports torch; the settings stay light to import
+    from engines.build_config import EngineBuildConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "checkpoints" / "demo"
@@ -128,9 +131,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object a line.")
 
-    @property
-    def profile_opt_rows(self) -> int:
-        return self.preferred_batch_size or self.max_batch_size
+    def engine_build(self) -> EngineBuildConfig:
+        """These settings as the engine build's knobs (what `build_engine.py` gets from the worker)."""
+        from engines.build_config import EngineBuildConfig
+
+        return EngineBuildConfig(model_dir=self.model_dir, engine_dir=self.engine_dir,
+                                 min_batch_size=self.min_batch_size, preferred_batch_size=self.preferred_batch_size,
+                                 max_batch_size=self.max_batch_size)
 
 
 def env_var_names() -> list[str]:

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from engines.build_config import EngineBuildConfig
 from engines.random_bundle import TINY_DIT, TINY_VAE_DDCONFIG, make_random_bundle
 from engines.trt_build import tensorrt_status
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 TRT_OK, _ = tensorrt_status()
 
 
-def run_build(*args: str) -> subprocess.CompletedProcess:
+def run_build(*args: str, ldit_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """build_engine.py in a subprocess; with ldit_env, exactly those LDIT_* variables are set."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if ldit_env is not None:
+        env = {k: v for k, v in env.items() if not k.startswith("LDIT_")} | ldit_env
     return subprocess.run([sys.executable, str(REPO / "build_engine.py"), "--threads", "2", *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
@@ -99,6 +104,41 @@ def test_if_stale_skips_an_up_to_date_dir(built):
                      "--if-stale")
     assert proc.returncode == first.returncode, proc.stderr
     assert "up to date" in proc.stdout
+
+
+def test_defaults_come_from_the_ldit_variables(built):
+    bundle, out, first = built
+    proc = run_build("--if-stale", ldit_env={"LDIT_MODEL_DIR": str(bundle), "LDIT_ENGINE_DIR": str(out),
+                                             "LDIT_MAX_BATCH_SIZE": "8", "LDIT_PREFERRED_BATCH_SIZE": "4"})
+    assert proc.returncode == first.returncode, proc.stderr
+    assert f"{out} is up to date for {bundle}" in proc.stdout
+
+
+def test_the_service_settings_map_onto_the_build(built):
+    """What the worker passes to build_engine.py: its settings object, whatever the environment says."""
+    bundle, out, first = built
+    settings = Settings(model_dir=bundle, engine_dir=out, max_batch_size=8, preferred_batch_size=4)
+    proc = run_build(*settings.engine_build().cli_args(), "--if-stale",
+                     ldit_env={"LDIT_MAX_BATCH_SIZE": "32", "LDIT_ENGINE_DIR": str(out / "elsewhere")})
+    assert proc.returncode == first.returncode, proc.stderr
+    assert f"{out} is up to date for {bundle}" in proc.stdout
+
+
+@pytest.mark.parametrize("env", [{}, {"LDIT_MODEL_DIR": "/m", "LDIT_ENGINE_DIR": "/e", "LDIT_MIN_BATCH_SIZE": "2",
+                                      "LDIT_PREFERRED_BATCH_SIZE": "6", "LDIT_MAX_BATCH_SIZE": "12"}])
+def test_build_config_reads_what_the_service_settings_read(env, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("LDIT_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert EngineBuildConfig() == Settings().engine_build()
+    for name, field in EngineBuildConfig.model_fields.items():
+        ours = Settings.model_fields[name]
+        assert (field.annotation, field.default, field.metadata) == (ours.annotation, ours.default, ours.metadata)
+    monkeypatch.setenv("LDIT_MAX_BATCH_SIZE", "0")
+    for config in (EngineBuildConfig, Settings):
+        with pytest.raises(ValueError, match="max_batch_size"):
+            config()
 
 
 def test_bad_arguments_exit_2(tmp_path):

@@ -29,9 +29,6 @@ ALLOWED = {
 # `python -m model.<name>` forwards to `training.<name>` for one release (deprecation aliases).
 OLD_COMMANDS = ("train", "train_vae", "extract_latents", "demo")
 EXCEPTIONS = {(f"model/{name}.py", "training") for name in OLD_COMMANDS}
-# build_engine.py still reads its defaults from service.settings; the engine-build config in
-# engines/ (the second half of issue 16) removes this edge.
-EXCEPTIONS |= {("build_engine.py", "service")}
 DYNAMIC_IMPORTERS = {"import_module", "run_module", "__import__"}
 
 
