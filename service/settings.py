@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object a line.")
 
+    @property
+    def profile_opt_rows(self) -> int:
+        return self.preferred_batch_size or self.max_batch_size
+
     def engine_build(self) -> EngineBuildConfig:
         """These settings as the engine build's knobs (what `build_engine.py` gets from the worker)."""
         from engines.build_config import EngineBuildConfig

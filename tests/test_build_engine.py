@@ -132,6 +132,7 @@ def test_build_config_reads_what_the_service_settings_read(env, monkeypatch):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert EngineBuildConfig() == Settings().engine_build()
+    assert EngineBuildConfig().profile_opt_rows == Settings().profile_opt_rows
     for name, field in EngineBuildConfig.model_fields.items():
         ours = Settings.model_fields[name]
         assert (field.annotation, field.default, field.metadata) == (ours.annotation, ours.default, ours.metadata)
