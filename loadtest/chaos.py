@@ -11,7 +11,8 @@ What it does, all on 127.0.0.1:
 * `--threads` client threads post `/generate` (wait for the PNG) and `/jobs` (poll the status, fetch the
   image) with distinct (class, seed) pairs and some repeated ones, on the bundle's default preset; ~1/5
   ask for `--slow-steps` steps so that longer samples are in flight when the killer strikes;
-* every `--kill-every` seconds it SIGKILLs a worker that holds jobs (XPENDING of its consumer > 0,
+* every `--kill-every` seconds (while a worker is alive; the load lasts until `--min-kills` kills
+  and `--min-accepted` accepted requests, at most 3x `--duration`) it SIGKILLs a worker that holds jobs (XPENDING of its consumer > 0,
   i.e. mid-batch) and starts a fresh one; once, half-way, it restarts redis-server in place
   (same port, same append-only file);
 * afterwards it compares every PNG with the offline reference `model.generate.generate` (PSNR >= 40 dB),
@@ -75,6 +76,10 @@ class Config:
     threads: int = 4
     workers: int = 2
     kill_every_s: float = 6.0
+    # Load goes on past duration_s (to 3x at most) until this many kills and accepted requests: on
+    # a slow machine workers start and answer slower, and a fixed window would hold fewer of both.
+    min_kills: int = 0
+    min_accepted: int = 0
     redis_restart_at: float = 0.5  # fraction of the duration; <0: never
     max_requests: int = 5000
     think_ms: float = 40.0
@@ -282,8 +287,8 @@ class Chaos:
                     self.workers.pop(name, None)
                 self.start_worker_async()
 
-    def kill_one(self, r) -> None:
-        """SIGKILL a live worker that holds jobs (mid-batch); wait up to 3 s for one to."""
+    def kill_one(self, r) -> bool:
+        """SIGKILL a live worker that holds jobs (mid-batch); wait up to 3 s for one to. False: none alive."""
         from service.jobs import GROUP
 
         end = time.time() + 3.0
@@ -301,14 +306,14 @@ class Chaos:
                 victim = self.rng.choice(busy)
                 pending = consumers[victim]
             elif not live:
-                return
+                return False
             else:
                 time.sleep(0.05)
         if victim is None:
             with self.wlock:
                 live = [n for n, sp in self.workers.items() if sp.proc.poll() is None and n not in self.killed]
             if not live:
-                return
+                return False
             victim = self.rng.choice(live)
         with self.wlock:
             sp = self.workers.pop(victim)
@@ -317,6 +322,7 @@ class Chaos:
         sp.proc.wait(10)
         self.event("SIGKILL worker", worker=victim, pending_jobs=pending)
         self.start_worker_async()
+        return True
 
     def run(self) -> dict:
         from model.bundle import load_bundle, read_spec
@@ -357,9 +363,15 @@ class Chaos:
             for c in clients:
                 c.start()
             self.event("load started", threads=cfg.threads, duration_s=cfg.duration_s)
-            next_kill = load_start + cfg.kill_every_s
+            next_kill, kills = load_start + cfg.kill_every_s, 0
+            end, hard_end = load_start + cfg.duration_s, load_start + 3 * cfg.duration_s
             restart_at = load_start + cfg.duration_s * cfg.redis_restart_at if cfg.redis_restart_at >= 0 else None
-            while time.time() < load_start + cfg.duration_s and any(c.is_alive() for c in clients):
+            while any(c.is_alive() for c in clients):
+                with lock:
+                    accepted = sum(o.accepted for o in outcomes)
+                enough = kills >= cfg.min_kills and accepted >= cfg.min_accepted
+                if time.time() >= hard_end or (time.time() >= end and enough):
+                    break
                 self.watch_workers()
                 if api.proc.poll() is not None:
                     self.event("API exited", rc=api.proc.returncode)
@@ -371,8 +383,8 @@ class Chaos:
                     server.restart()
                     redis_restarts += 1
                     self.event("redis restarted", down_s=round(time.time() - t, 2))
-                elif now >= next_kill:
-                    self.kill_one(r)
+                elif now >= next_kill and self.kill_one(r):  # no worker alive: try again as one comes up
+                    kills += 1
                     next_kill = time.time() + cfg.kill_every_s
                 time.sleep(0.05)
             stop.set()
@@ -490,11 +502,15 @@ class Chaos:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short CI form: 22 s of load, 3 threads, a kill every 4.5 s")
+    p.add_argument("--quick", action="store_true",
+                   help="short CI form: 22 s of load (longer until 3 kills and 40 accepted requests), 3 threads, "
+                        "a kill every 4.5 s")
     p.add_argument("--duration", type=float, default=90.0, help="seconds of load (default 90)")
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="workers alive at once")
     p.add_argument("--kill-every", type=float, default=6.0, help="seconds between SIGKILLs")
+    p.add_argument("--min-kills", type=int, default=0, help="keep the load on (to 3x --duration) until this many")
+    p.add_argument("--min-accepted", type=int, default=0, help="... and until this many requests were accepted")
     p.add_argument("--no-redis-restart", action="store_true")
     p.add_argument("--max-requests", type=int, default=5000, help="hard cap on requests")
     p.add_argument("--request-timeout", type=float, default=30.0, help="LDIT_REQUEST_TIMEOUT_S of the service")
@@ -506,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(duration_s=a.duration, threads=a.threads, workers=a.workers, kill_every_s=a.kill_every,
                  redis_restart_at=-1 if a.no_redis_restart else 0.5, max_requests=a.max_requests,
                  request_timeout_s=a.request_timeout, model_dir=a.model_dir, seed=a.seed,
-                 slow_steps=a.slow_steps)
+                 slow_steps=a.slow_steps, min_kills=a.min_kills, min_accepted=a.min_accepted)
     if a.quick:
         cfg.duration_s, cfg.threads, cfg.kill_every_s, cfg.max_requests, cfg.think_ms = 22.0, 3, 4.5, 400, 250.0
+        cfg.min_kills, cfg.min_accepted = max(cfg.min_kills, 3), max(cfg.min_accepted, 40)  # tests/test_chaos.py
         cfg.slow_steps = min(cfg.slow_steps, 24)  # the offline references of every answer stay cheap
     chaos = Chaos(cfg)
     report = chaos.run()
