@@ -139,9 +139,8 @@ class Settings(BaseSettings):
         """These settings as the engine build's knobs (what `build_engine.py` gets from the worker)."""
         from engines.build_config import EngineBuildConfig
 
-        return EngineBuildConfig(model_dir=self.model_dir, engine_dir=self.engine_dir,
-                                 min_batch_size=self.min_batch_size, preferred_batch_size=self.preferred_batch_size,
-                                 max_batch_size=self.max_batch_size)
+        # The build's knobs carry the same names as ours (tests/test_build_engine.py checks it).
+        return EngineBuildConfig(**{name: getattr(self, name) for name in EngineBuildConfig.model_fields})
 
 
 def env_var_names() -> list[str]:

@@ -125,7 +125,8 @@ def test_the_service_settings_map_onto_the_build(built):
 
 
 @pytest.mark.parametrize("env", [{}, {"LDIT_MODEL_DIR": "/m", "LDIT_ENGINE_DIR": "/e", "LDIT_MIN_BATCH_SIZE": "2",
-                                      "LDIT_PREFERRED_BATCH_SIZE": "6", "LDIT_MAX_BATCH_SIZE": "12"}])
+                                      "LDIT_PREFERRED_BATCH_SIZE": "6", "LDIT_MAX_BATCH_SIZE": "12",
+                                      "LDIT_DECODE_PRECISION": "bf16"}])
 def test_build_config_reads_what_the_service_settings_read(env, monkeypatch):
     for name in [k for k in os.environ if k.startswith("LDIT_")]:
         monkeypatch.delenv(name)
