@@ -13,6 +13,7 @@ The sampler needs two primitives only (see docs/architecture.md):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,16 +59,25 @@ class Engine(ABC):
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
-    def synchronize(self) -> None:
-        """Block the host until the device has run everything enqueued so far (a CUDA event on CUDA;
-        nothing to wait for on the CPU). The runner calls it at the end of every step."""
+    def mark(self) -> Callable[[], None]:
+        """A mark after everything enqueued so far: calling it blocks the host until the device has run
+        that work (a CUDA event on CUDA; on the CPU the work is done when the call returns)."""
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
-            done.synchronize()
+            return done.synchronize
+        return _done
+
+    def synchronize(self) -> None:
+        """Block the host until the device has run everything enqueued so far."""
+        self.mark()()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
+
+
+def _done() -> None:
+    """Nothing to wait for."""
 
 
 class EngineError(RuntimeError):

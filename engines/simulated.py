@@ -4,8 +4,8 @@ Like Triton's identity backend, it runs no model. A DiT forward of R rows
 occupies a simulated device for `dit_ms(R)` and a decode of N latents for
 `decode_ms(N)` (engines.timing_profile). Work is queued the way a CUDA stream
 queues it: `velocity()` enqueues and returns at once, and the host blocks only
-at a synchronisation point, `synchronize()` (the runner's end of step) or
-`decode()` (which hands back images on the host). The host blocks by sleeping,
+at a synchronisation point: a `mark()` it waits on (the runner's step marks),
+`synchronize()`, or `decode()` (which hands back images on the host). The host blocks by sleeping,
 so a waiting simulated worker costs no CPU and many of them fit on one machine.
 
 What comes back has the real shapes and dtypes: velocities float32 [R, C, H, W]
@@ -25,6 +25,7 @@ import importlib.util
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,15 @@ class SimulatedDevice:
             self._busy_until = max(now, self._busy_until) + seconds
             self.busy_s += seconds
 
-    def wait(self) -> None:
-        """Sleep until the queue is empty (no CPU spent waiting)."""
-        left = self._busy_until - time.perf_counter()
+    def wait(self, until: float | None = None) -> None:
+        """Sleep until the queue is empty, or until the work enqueued before a mark is done (no CPU spent)."""
+        left = (self._busy_until if until is None else until) - time.perf_counter()
         if left > 0:
             time.sleep(left)
+
+    def mark(self) -> Callable[[], None]:
+        until = self._busy_until
+        return lambda: self.wait(until)
 
 
 class SimulatedEngine(Engine):
@@ -140,8 +145,8 @@ class SimulatedEngine(Engine):
         # A zero velocity without an allocation (a broadcast view; in-place writes to it raise).
         return torch.zeros((), dtype=torch.float32, device=x.device).expand(rows, *self.latent_shape)
 
-    def synchronize(self) -> None:
-        self.device_queue.wait()
+    def mark(self) -> Callable[[], None]:
+        return self.device_queue.mark()
 
     def pick(self, z: torch.Tensor) -> torch.Tensor:
         """Which crop each latent gets: a hash of its first values (same latent, same image)."""

@@ -2,6 +2,8 @@
 
     python loadtest/chaos.py --quick                  # ~30 s, what tests/test_chaos.py runs
     python loadtest/chaos.py --duration 120 --kill-every 6 --json loadtest/out/chaos.json
+    python loadtest/chaos.py --simulated xl1-256-h200-measured --workers 8 --backlog 600 --kill-every 3 \
+        --threads 16 --preset 800ep --steps 50 --request-timeout 120 --json loadtest/out/chaos-sim8.json
 
 What it does, all on 127.0.0.1:
 
@@ -11,10 +13,15 @@ What it does, all on 127.0.0.1:
 * `--threads` client threads post `/generate` (wait for the PNG) and `/jobs` (poll the status, fetch the
   image) with distinct (class, seed) pairs and some repeated ones, on the bundle's default preset; ~1/5
   ask for `--slow-steps` steps so that longer samples are in flight when the killer strikes;
+* `--backlog N` submits N `/jobs` at the start (distinct seeds), so many entries are pending
+  while workers die; a poller follows each to its image;
 * every `--kill-every` seconds (while a worker is alive; the load lasts until `--min-kills` kills
   and `--min-accepted` accepted requests, at most 3x `--duration`) it SIGKILLs a worker that holds jobs (XPENDING of its consumer > 0,
   i.e. mid-batch) and starts a fresh one; once, half-way, it restarts redis-server in place
   (same port, same append-only file);
+* `--simulated PROFILE`: the workers run the simulated backend (engines/simulated.py) on the demo
+  bundle, so many fit on a small machine; the reference of an image is then what the simulated
+  engine makes of the request's noise (pixel-exact), not the model's;
 * afterwards it compares every PNG with the offline reference `model.generate.generate` (PSNR >= 40 dB),
   checks that identical requests got identical pixels, and that the stream drained (XLEN 0, nothing pending).
 
@@ -92,7 +99,10 @@ class Config:
     max_batch_size: int = 8
     model_dir: str = ""
     preset: str = ""  # default: the bundle's default preset
+    steps: int = 0  # a steps override of the normal requests (0: the preset's)
     seed: int = 0
+    simulated: str = ""  # a timing profile: workers on the simulated backend
+    backlog: int = 0  # /jobs submitted at the start
 
 
 def decode_png(content: bytes) -> np.ndarray:
@@ -129,7 +139,7 @@ class Client(threading.Thread):
     def next_triple(self, n: int) -> tuple[int, int, int | None]:
         if self.hot and self.rng.random() < self.cfg.repeat_fraction:
             return self.rng.choice(self.hot)
-        steps = self.cfg.slow_steps if self.rng.random() < self.cfg.slow_fraction else None
+        steps = self.cfg.slow_steps if self.rng.random() < self.cfg.slow_fraction else (self.cfg.steps or None)
         return n % 10, 100_000 + n, steps  # n is unique across clients: a distinct request
 
     def run(self) -> None:
@@ -235,6 +245,65 @@ class Client(threading.Thread):
         o.job_id = o.job_id or r.headers.get("X-Request-Id", "")
 
 
+class Backlog(threading.Thread):
+    """Submits `cfg.backlog` /jobs at once (a deep queue), then follows each to its image or error."""
+
+    def __init__(self, url: str, cfg: Config, out: list[Outcome], lock: threading.Lock, counter):
+        super().__init__(name="backlog", daemon=True)
+        self.url, self.cfg, self.out, self.lock, self.counter = url, cfg, out, lock, counter
+        self.http = httpx.Client(timeout=httpx.Timeout(30, connect=5))
+        self.submitted = 0
+
+    def run(self) -> None:
+        mine: list[Outcome] = []
+        for _ in range(self.cfg.backlog):
+            n = next(self.counter)
+            o = Outcome(n, "jobs", n % 10, 500_000 + n, self.cfg.preset, self.cfg.steps or None, started=time.time())
+            body = {"class_label": o.class_id, "seed": o.seed, "preset": o.preset}
+            if o.steps:
+                body["steps"] = o.steps
+            with self.lock:
+                self.out.append(o)
+            try:
+                r = self.http.post(f"{self.url}/jobs", json=body)
+            except httpx.HTTPError as err:
+                o.kind, o.code = "refused", f"transport on submit: {err!r}"
+                continue
+            o.status = r.status_code
+            if r.status_code != 202:
+                o.kind, o.code = "refused", json_error(r) or f"status {r.status_code}"
+                continue
+            o.accepted, o.job_id = True, r.json()["id"]
+            mine.append(o)
+        self.submitted = len(mine)
+        deadline = time.time() + self.cfg.request_timeout_s + 60
+        left = list(mine)
+        while left and time.time() < deadline:
+            still = []
+            for o in left:
+                try:
+                    st = self.http.get(f"{self.url}/jobs/{o.job_id}/image")
+                except httpx.HTTPError:
+                    still.append(o)
+                    continue
+                o.status = st.status_code
+                if st.status_code == 200:
+                    Client.take_png(o, st)
+                    o.ended = time.time()
+                elif st.status_code in (409, 503):  # not done yet, or Redis restarting
+                    still.append(o)
+                elif st.status_code >= 500 and json_error(st):
+                    o.kind, o.code, o.ended = "error", json_error(st), time.time()
+                else:
+                    o.kind, o.code, o.ended = "lost", f"image {st.status_code}: {st.text[:200]!r}", time.time()
+            left = still
+            if left:
+                time.sleep(0.5)
+        for o in left:
+            o.kind, o.code = "lost", "backlog job not finished by the deadline"
+        self.http.close()
+
+
 class Chaos:
     def __init__(self, cfg: Config, log=print):
         self.cfg = cfg
@@ -245,6 +314,7 @@ class Chaos:
         self.killed: set[str] = set()
         self.unexpected_exits: list[dict] = []
         self.n_workers = 0
+        self.max_pending = 0  # deepest queue seen at a kill (XLEN or XPENDING)
         self.wlock = threading.Lock()
 
     def event(self, what: str, **kw) -> None:
@@ -333,11 +403,17 @@ class Chaos:
         self.rng = random.Random(cfg.seed)
         self.keys = Keys("ldit")
         tmp = Path(tempfile.mkdtemp(prefix="ldit-chaos-"))
-        model_dir = Path(cfg.model_dir) if cfg.model_dir else make_tiny_bundle(tmp / "bundle")
+        if cfg.model_dir:
+            model_dir = Path(cfg.model_dir)
+        elif cfg.simulated:  # the demo bundle: its sample sheet is what the simulated images are cut from
+            model_dir = REPO / "checkpoints" / "demo"
+        else:
+            model_dir = make_tiny_bundle(tmp / "bundle")
         cfg.preset = cfg.preset or read_spec(model_dir).default_preset
         self.t0 = time.time()
         server = start_redis("debian")
         self.env = {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(model_dir),
+                    **({"LDIT_BACKEND": "simulated", "LDIT_SIMULATED_PROFILE": cfg.simulated} if cfg.simulated else {}),
                     "LDIT_MAX_BATCH_SIZE": str(cfg.max_batch_size), "LDIT_MAX_QUEUE_DELAY_MS": "5",
                     "LDIT_VISIBILITY_TIMEOUT_MS": str(cfg.visibility_timeout_ms),
                     "LDIT_HEARTBEAT_INTERVAL_S": str(cfg.heartbeat_interval_s),
@@ -359,6 +435,8 @@ class Chaos:
             counter = iter(range(10**9))
             lock = threading.Lock()
             clients = [Client(i, api.url, cfg, stop, outcomes, lock, counter, hot) for i in range(cfg.threads)]
+            if cfg.backlog:
+                clients.append(Backlog(api.url, cfg, outcomes, lock, counter))
             load_start = time.time()
             for c in clients:
                 c.start()
@@ -386,6 +464,11 @@ class Chaos:
                 elif now >= next_kill and self.kill_one(r):  # no worker alive: try again as one comes up
                     kills += 1
                     next_kill = time.time() + cfg.kill_every_s
+                    try:
+                        self.max_pending = max(self.max_pending, r.xpending(self.keys.stream, GROUP)["pending"],
+                                               r.xlen(self.keys.stream))
+                    except Exception:  # noqa: BLE001 - Redis restarting
+                        pass
                 time.sleep(0.05)
             stop.set()
             self.event("load stopped; waiting for outstanding requests")
@@ -430,7 +513,7 @@ class Chaos:
                        worker_kills=sum(1 for e in self.events if e["event"] == "SIGKILL worker"),
                        mid_batch_kills=sum(1 for e in self.events if e["event"] == "SIGKILL worker"
                                            and e.get("pending_jobs", 0) > 0),
-                       unexpected_worker_exits=len(self.unexpected_exits))
+                       unexpected_worker_exits=len(self.unexpected_exits), max_queue_at_kill=self.max_pending)
         summary["passed"] = (summary["lost"] == 0 and summary["mismatched"] == 0 and summary["duplicates"] == 0
                              and summary["accepted"] > 0 and drained and not summary["unjudged"])
         self.report = {"config": asdict(cfg), "summary": summary, "events": self.events,
@@ -458,6 +541,9 @@ class Chaos:
         for t in triples:
             by_preset[(t[2], t[3])].append(t)
         for (preset, steps), ts in by_preset.items():
+            if self.cfg.simulated:
+                ref.update(simulated_references(bundle, self.cfg.simulated, ts))
+                continue
             sampler = bundle.spec.presets[preset].replace(num_steps=steps or None)
             images = generate(bundle, [t[0] for t in ts], [t[1] for t in ts], sampler, batch_size=64)
             ref.update({t: np.asarray(img) for t, img in zip(ts, images, strict=True)})
@@ -500,6 +586,24 @@ class Chaos:
         }
 
 
+def simulated_references(bundle, profile_ref: str, triples: list[tuple]) -> dict[tuple, np.ndarray]:
+    """What a simulated worker makes of each request: its velocity is zero, so the final latent is the
+    request's noise, and the image is the crop that the engine picks for that latent (pixel-exact)."""
+    import dataclasses
+
+    from engines.simulated import SimulatedEngine
+    from engines.timing_profile import CostCurve, load_profile
+    from model.sampling import initial_noise
+
+    free = CostCurve(((1, 0.0),))
+    engine = SimulatedEngine(bundle, dataclasses.replace(load_profile(profile_ref), dit_ms=free, decode_ms=free), 64)
+    out = {}
+    for t in triples:
+        z = bundle.stats.denormalize(initial_noise(t[1], bundle.spec.latent_shape)[None])
+        out[t] = engine.decode(z)[0].numpy()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -517,12 +621,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default="", help="bundle to serve (default: a tiny random one)")
     p.add_argument("--slow-steps", type=int, default=40, help="steps of the slow fifth of the requests")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--simulated", default="", metavar="PROFILE",
+                   help="workers on the simulated backend with this timing profile (default bundle: the demo)")
+    p.add_argument("--backlog", type=int, default=0, help="/jobs submitted at the start (a deep queue)")
+    p.add_argument("--preset", default="", help="preset of every request (default: the bundle's)")
+    p.add_argument("--steps", type=int, default=0, help="steps override of the normal requests")
     p.add_argument("--json", default="", help="write the full report here")
     a = p.parse_args(argv)
     cfg = Config(duration_s=a.duration, threads=a.threads, workers=a.workers, kill_every_s=a.kill_every,
                  redis_restart_at=-1 if a.no_redis_restart else 0.5, max_requests=a.max_requests,
                  request_timeout_s=a.request_timeout, model_dir=a.model_dir, seed=a.seed,
-                 slow_steps=a.slow_steps, min_kills=a.min_kills, min_accepted=a.min_accepted)
+                 slow_steps=a.slow_steps, min_kills=a.min_kills, min_accepted=a.min_accepted,
+                 simulated=a.simulated, backlog=a.backlog, preset=a.preset, steps=a.steps)
     if a.quick:
         cfg.duration_s, cfg.threads, cfg.kill_every_s, cfg.max_requests, cfg.think_ms = 22.0, 3, 4.5, 400, 250.0
         cfg.min_kills, cfg.min_accepted = max(cfg.min_kills, 3), max(cfg.min_accepted, 40)  # tests/test_chaos.py
@@ -533,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     print("CHAOS accepted={accepted} succeeded={succeeded} clear_errors={clear_errors} lost={lost} "
           "mismatched={mismatched} duplicates={duplicates} refused={refused} kills={worker_kills} "
           "(mid-batch {mid_batch_kills}) redis_restarts={redis_restarts} "
-          "unexpected_worker_exits={unexpected_worker_exits} worst_psnr={worst_psnr_db}".format(**s), flush=True)
+          "unexpected_worker_exits={unexpected_worker_exits} worst_psnr={worst_psnr_db} "
+          "max_queue_at_kill={max_queue_at_kill}".format(**s), flush=True)
     print("CHAOS detail " + json.dumps({k: s[k] for k in ("error_codes", "refused_codes", "by_endpoint",
                                                           "cache_hits", "distinct_images", "repeated_triples",
                                                           "stream")}), flush=True)

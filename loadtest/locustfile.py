@@ -11,10 +11,14 @@ Every shape stops by itself after LDIT_LOAD_DURATION seconds (a bounded run).
 Each response is checked: status 200, the PNG signature, and the image size read from
 the IHDR chunk against /v1/model's resolution. Seeds are random 31-bit integers so the
 result cache almost never answers (a cache hit is reported as its own request name).
+
+LDIT_LOAD_HOSTS=url1,url2 spreads the users over several API replicas (user i talks to
+url i mod n), as a load balancer would; -H is then only the default.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -23,6 +27,7 @@ from locust import FastHttpUser, LoadTestShape, constant, events, task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MODEL: dict = {}
+_USER_INDEX = itertools.count()
 
 
 def env_int(name: str, default: int) -> int:
@@ -39,6 +44,8 @@ def _args(parser):
                         help="load profile (env LDIT_LOAD_SHAPE)")
     parser.add_argument("--ldit-steps", type=int, default=env_int("LDIT_LOAD_SAMPLER_STEPS", 0),
                         help="sampler grid points sent with each request (0: the model's preset)")
+    parser.add_argument("--ldit-preset", default=os.environ.get("LDIT_LOAD_PRESET", ""),
+                        help="sampler preset sent with each request (empty: the model's default)")
 
 
 def png_size(body: bytes) -> tuple[int, int] | None:
@@ -55,6 +62,12 @@ class GenerateUser(FastHttpUser):
     network_timeout = 300.0
     connection_timeout = 30.0
 
+    def __init__(self, environment):
+        hosts = [h for h in os.environ.get("LDIT_LOAD_HOSTS", "").split(",") if h]
+        if hosts:
+            self.host = hosts[next(_USER_INDEX) % len(hosts)]
+        super().__init__(environment)
+
     def on_start(self):
         if not _MODEL:
             with self.client.get("/v1/model", name="/v1/model", catch_response=True) as resp:
@@ -68,9 +81,13 @@ class GenerateUser(FastHttpUser):
     def generate(self):
         num_classes = _MODEL.get("num_classes", 1)
         body = {"class_label": random.randrange(num_classes), "seed": random.randrange(2**31 - 1)}
-        steps = getattr(self.environment.parsed_options, "ldit_steps", 0) if self.environment.parsed_options else 0
+        opts = self.environment.parsed_options
+        steps = getattr(opts, "ldit_steps", 0) if opts else 0
         if steps:
             body["steps"] = steps
+        preset = getattr(opts, "ldit_preset", "") if opts else ""
+        if preset:
+            body["preset"] = preset
         with self.client.post("/generate", json=body, name="/generate", catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}: {(resp.text or '')[:200]}")

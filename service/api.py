@@ -50,6 +50,8 @@ from service.waiter import ResultWaiter
 log = logging.getLogger("ldit.api")
 
 PNG = "image/png"
+REDIS_CONNECTIONS = 64  # per API process: commands are short, so a request waits a moment for one at most
+REDIS_POOL_WAIT_S = 10.0  # longer than that: Redis is down or stuck, answered like an outage (503)
 STATIC = Path(__file__).resolve().parent / "static"
 
 def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
@@ -77,7 +79,11 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.redis = aioredis.Redis.from_url(redis_url, **redis_kwargs(settings))
+        # A bounded pool where a request waits for a free connection: redis-py's default asyncio pool
+        # refuses the 101st concurrent command ("Too many connections"), a 503 under a burst.
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS,
+                                                        timeout=REDIS_POOL_WAIT_S, **redis_kwargs(settings))
+        app.state.redis = aioredis.Redis(connection_pool=pool)
         app.state.waiter = ResultWaiter(app.state.redis, keys)
         app.state.events = EventHub(app.state.redis, keys)
         app.state.tasks = set()  # background work of this process (appending sample-set jobs)
@@ -90,6 +96,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         await app.state.events.stop()
         await app.state.waiter.stop()
         await app.state.redis.aclose()
+        await pool.aclose()
 
     app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional image generation with LightningDiT + VA-VAE.",
@@ -342,7 +349,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         workers = await live_workers(request.app.state.redis, keys, settings.heartbeat_ttl_s)
         return ModelInfo(
             name=spec.name, version=version, num_classes=spec.num_classes, class_names=spec.class_names,
-            resolution=spec.image_size, latent_shape=list(spec.latent_shape),
+            resolution=served_resolution(settings, spec.image_size, workers), latent_shape=list(spec.latent_shape),
             presets={k: p.to_dict() for k, p in spec.presets.items()}, default_preset=spec.default_preset,
             api=ApiView(model_version=version, backend=settings.backend, precision=settings.precision),
             workers=[WorkerInfo(**{k: w[k] for k in WorkerInfo.model_fields if k in w}) for w in workers],
@@ -357,6 +364,23 @@ def route_of(app: FastAPI, scope) -> str:
         if route.matches(scope)[0] == Match.FULL:
             return getattr(route, "path", "other")
     return "other"
+
+
+def served_resolution(settings: Settings, bundle_size: int, workers: list[dict]) -> int:
+    """The images' size: what the live workers say they make (a simulated engine may make larger
+    images than its bundle), else a simulated profile's `image_size` when this API is configured
+    with one, else the bundle's."""
+    sizes = {int(w["image_size"]) for w in workers if w.get("image_size")}
+    if len(sizes) == 1:
+        return sizes.pop()
+    if settings.backend == "simulated":
+        from engines.timing_profile import ProfileError, load_profile
+
+        try:
+            return load_profile(settings.simulated_profile).image_size or bundle_size
+        except ProfileError:  # the worker refuses it loudly; the model card keeps the bundle's size
+            return bundle_size
+    return bundle_size
 
 
 def redis_kwargs(settings: Settings) -> dict:

@@ -46,11 +46,15 @@ class ServiceProcess:
             return self.proc.wait(10)
 
 
-def start_service(role: str, env: dict[str, str], timeout: float = 300) -> ServiceProcess:
-    """`python -m service ROLE` on a free loopback port, quiet logs; returns once it is listening/ready."""
+def start_service(role: str, env: dict[str, str], timeout: float = 300,
+                  python_args: tuple[str, ...] = ()) -> ServiceProcess:
+    """`python -m service ROLE` on a free loopback port, quiet logs; returns once it is listening/ready.
+
+    `python_args` go before `-m service` (e.g. `-m cProfile -o FILE` to profile its main thread).
+    """
     full_env = {**os.environ, "LDIT_PORT": "0", "LDIT_HOST": "127.0.0.1", "LDIT_LOG_LEVEL": "warning",
                 "LDIT_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1", **env}
-    args = [sys.executable, "-m", "service"] + ([] if role == "all" else [role])
+    args = [sys.executable, *python_args, "-m", "service"] + ([] if role == "all" else [role])
     proc = subprocess.Popen(args, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     sp = ServiceProcess(proc, role)

@@ -2,15 +2,26 @@
 
 Everything runs on the caller's current stream, the one the scheduler's noise
 copies were enqueued on, so no cross-stream ordering is needed here (the
-TensorRT and ONNX Runtime backends order their own streams against it). A step
-ends with `engine.synchronize()` (CUDA: an event recorded after the update; the
-simulated backend: a sleep until its queue is empty), so the step time that the
-metrics report is the device's time, not the time to enqueue kernels.
+TensorRT and ONNX Runtime backends order their own streams against it).
+
+Steps run ahead of the device by at most `run_ahead` steps: a step enqueues its
+work, records a mark (a CUDA event; the simulated backend's queue position), and
+then waits for the mark of the step `run_ahead` before it. So the host plans and
+enqueues step k+1 while the device runs step k, and the host's per-step work
+(scheduling, tensor building, CFG bookkeeping) leaves the device idle only when
+it takes longer than a forward. The scheduler needs no result of step k to plan
+step k+1 (every sample's next time, and who finishes, are known on the host), and
+the latents are device tensors that later work on the same stream may use
+before they are computed. A decode hands images to the host, which waits for
+everything before it. In steady state a step's measured time is the device's
+time per step, not the time to enqueue kernels. `run_ahead=0` waits at the end
+of every step.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -22,11 +33,13 @@ from service.scheduler import StepPlan
 
 
 class Runner:
-    def __init__(self, engine: Engine, stats: LatentStats, null_class: int):
+    def __init__(self, engine: Engine, stats: LatentStats, null_class: int, run_ahead: int = 1):
         self.engine = engine
         self.null_class = null_class
         self.device = engine.device
         self.stats = stats.to(self.device)
+        self.run_ahead = run_ahead
+        self._in_flight: deque = deque()  # marks of enqueued steps, oldest first
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
@@ -41,13 +54,21 @@ class Runner:
             self._to_device(plan.cfg_scale), self.null_class, self._to_device(plan.cfg_channels),
         )
         x_next = x + self._to_device(plan.dt).view(-1, 1, 1, 1) * v
-        self.engine.synchronize()
+        self._in_flight.append(self.engine.mark())
+        while len(self._in_flight) > self.run_ahead:
+            self._in_flight.popleft()()
         return x_next, time.perf_counter() - start
+
+    def drain(self) -> None:
+        """Wait for every enqueued step."""
+        while self._in_flight:
+            self._in_flight.popleft()()
 
     @torch.inference_mode()
     def decode(self, latents: list[torch.Tensor]) -> tuple[np.ndarray, float]:
         """uint8 images [N, H, W, 3] of finished samples, decoded as one batch."""
         start = time.perf_counter()
         z = self.stats.denormalize(torch.stack(latents).float())
-        images = self.engine.decode(z).numpy()
+        images = self.engine.decode(z).numpy()  # on the host: everything enqueued before it has run
+        self._in_flight.clear()
         return images, time.perf_counter() - start

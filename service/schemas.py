@@ -189,6 +189,9 @@ class WorkerInfo(BaseModel):
     batching: str | None = None
     active: int = Field(0, description="Samples it was denoising at its last heartbeat.")
     age_s: float = Field(description="Seconds since its last heartbeat.")
+    simulated_profile: str | None = Field(
+        None, description="Backend simulated only: the timing profile it waits by (it runs no model).")
+    image_size: int | None = Field(None, description="Backend simulated only: the size of the images it makes.")
 
 
 class ApiView(BaseModel):

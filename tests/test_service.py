@@ -236,3 +236,28 @@ def test_queue_full_answers_429_with_retry_after(bundle_dir):
     finally:
         api.stop()
         server.stop()
+
+
+def test_hundreds_of_concurrent_requests_wait_for_a_redis_connection_not_503(bundle_dir):
+    """redis-py's asyncio pool refused the 101st concurrent command ("Too many connections"), which the
+    API answered with 503; requests now wait for a free connection of a bounded pool."""
+    import asyncio
+
+    server = start_redis("embedded")
+    env = {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(bundle_dir), "LDIT_MAX_QUEUE_LENGTH": "5000"}
+    api = start_service("api", env)  # no worker: /jobs only enqueues
+
+    async def burst(n: int) -> list[int]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=api.url, limits=limits, timeout=120) as client:
+            responses = await asyncio.gather(*(client.post("/jobs", json={"class_label": i % 10, "seed": i})
+                                               for i in range(n)))
+        return [r.status_code for r in responses]
+
+    try:
+        codes = asyncio.run(burst(400))
+        assert codes.count(202) == 400, {c: codes.count(c) for c in set(codes)}
+        assert server.client().xlen("ldit:jobs") == 400
+    finally:
+        api.stop()
+        server.stop()

@@ -155,18 +155,49 @@ def test_work_queues_like_a_stream_and_waiting_costs_no_cpu(demo):
     assert cpu < 0.25 * modelled, f"waiting burned {cpu:.3f} s of CPU for {modelled:.3f} s of simulated work"
 
 
-def test_runner_step_takes_the_profiles_time(demo):
-    eng = SimulatedEngine(demo, profile(dit_ms={"1": 30.0, "4": 60.0}), max_rows=4)
-    runner = Runner(eng, demo.stats, demo.null_class)
+class CountingEngine(SimulatedEngine):
+    """Records when the runner waits for which step's mark."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.events: list[str] = []
+
+    def mark(self):
+        k = sum(e.startswith("mark") for e in self.events)
+        self.events.append(f"mark {k}")
+        wait = super().mark()
+
+        def waited():
+            wait()
+            self.events.append(f"wait {k}")
+
+        return waited
+
+
+@pytest.mark.parametrize("run_ahead", [0, 1])
+def test_runner_runs_ahead_of_the_device_by_at_most_run_ahead_steps(demo, run_ahead):
+    eng = CountingEngine(demo, profile(dit_ms={"1": 30.0, "4": 60.0}), max_rows=4)
+    runner = Runner(eng, demo.stats, demo.null_class, run_ahead=run_ahead)
     sched = Scheduler(4, demo.spec.latent_shape, device=eng.device)
     preset = demo.spec.presets["digits"]  # guided on every step: 2 rows per sample
     for i in range(2):
         sched.admit(Job(class_id=i, seed=i, preset=preset, key=str(i), deadline=time.time() + 60))
-    plan = sched.schedule()
-    assert plan.rows == 4
-    x_next, seconds = runner.step(plan)
-    assert x_next.shape == (2, *demo.spec.latent_shape)
-    assert seconds >= 0.060 - 0.002
+    seconds = []
+    for _ in range(3):
+        plan = sched.schedule()
+        assert plan.rows == 4
+        x_next, secs = runner.step(plan)
+        seconds.append(secs)
+        sched.commit(plan, x_next, secs)
+    if run_ahead == 0:  # every step waits for itself
+        assert eng.events == ["mark 0", "wait 0", "mark 1", "wait 1", "mark 2", "wait 2"]
+        assert min(seconds) >= 0.060 - 0.002
+    else:  # step k waits for step k-1: the host prepared step k while the device ran k-1
+        assert eng.events == ["mark 0", "mark 1", "wait 0", "mark 2", "wait 1"]
+        assert sum(seconds) >= 2 * 0.060 - 0.002  # two forwards were waited for
+    images, _ = runner.decode([s.x for s in sched.active])
+    assert images.shape == (2, *([demo.spec.image_size] * 2), 3)
+    assert not runner._in_flight and eng.device_queue.busy_s == pytest.approx(0.180 + eng.profile.decode_ms(2) / 1000)
 
 
 def test_backend_choice_and_device(demo):
@@ -190,7 +221,8 @@ def test_service_on_each_shipped_profile_answers_with_a_png_and_says_simulated(n
         img = Image.open(io.BytesIO(r.content))
         img.load()
         assert img.format == "PNG" and img.size == (256, 256)
-        assert httpx.get(f"{svc.url}/v1/model").json()["backend"] == "simulated"
+        card = httpx.get(f"{svc.url}/v1/model").json()
+        assert card["backend"] == "simulated" and card["resolution"] == 256
         metrics = httpx.get(f"{svc.url}/metrics").text
         assert re.search(rf'ldit_engine_info\{{[^}}]*backend="simulated"[^}}]*simulated_profile="{name}"', metrics)
         assert any("SIMULATED BACKEND" in line and name in line for line in svc.lines)
