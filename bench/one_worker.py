@@ -148,10 +148,13 @@ class Clients:
 
 
 def redis_info(r) -> dict:
+    """Redis's CPU, network bytes, commands and memory so far, and `acks`: jobs acknowledged (one per image)."""
     info = r.info()
+    acks = r.info("commandstats").get("cmdstat_xack", {}).get("calls", 0)
     return {"cpu": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             "net_in": int(info["total_net_input_bytes"]), "net_out": int(info["total_net_output_bytes"]),
-            "commands": int(info["total_commands_processed"]), "used_memory": int(info["used_memory"])}
+            "commands": int(info["total_commands_processed"]), "used_memory": int(info["used_memory"]),
+            "acks": int(acks)}
 
 
 def service_run(a, profile_ref: str, body: dict, num_classes: int, prof_dir: Path | None) -> dict:

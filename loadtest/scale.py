@@ -13,8 +13,9 @@ level; at each level Locust runs headless, closed loop, `--users-per-worker` x N
 over the APIs (loadtest/locustfile.py, LDIT_LOAD_HOSTS), first `--warmup` seconds unmeasured,
 then `--duration` seconds measured. Per level:
 
-* images/s (from Locust's history: successful /generate over the measured window), latency
-  percentiles, failures;
+* images/s (from Locust's history: successful /generate over the measured window; and the jobs
+  Redis saw acknowledged in the window, the count that the per-image figures divide by),
+  latency percentiles, failures;
 * CPU seconds per image of every process (/proc): the APIs, the workers, redis-server, Locust;
 * Redis's own view (INFO): CPU per image, network bytes in and out per image, commands per
   image, memory.
@@ -115,9 +116,10 @@ def run_level(n: int, apis: list, workers: list, server, a, out: Path) -> dict:
     with open(f"{prefix}_stats.csv") as f:
         stats = {row["Name"]: row for row in csv.DictReader(f)}
     gen = stats.get("/generate", {})
-    images = max(1.0, rate * (t1 - t0))
     wall = t1 - t0
+    images = max(1, red1["acks"] - red0["acks"])  # jobs acknowledged in the window: the same clock as the rest
     level = {"workers": n, "users": users, "images_per_s": rate, "images_measured": ok,
+             "acked_per_s": images / wall,
              "requests": int(float(gen.get("Request Count", 0))), "failures": int(float(gen.get("Failure Count", 0))),
              "p50_ms": float(gen.get("50%", "nan") or "nan"), "p95_ms": float(gen.get("95%", "nan") or "nan"),
              "p99_ms": float(gen.get("99%", "nan") or "nan"),
@@ -135,6 +137,20 @@ def run_level(n: int, apis: list, workers: list, server, a, out: Path) -> dict:
         + f", redis {level['redis']['cpu_ms_per_image']:.3f} ms CPU, "
         f"{level['redis']['net_in_kb_per_image']:.0f}+{level['redis']['net_out_kb_per_image']:.0f} kB per image")
     return level
+
+
+def marginal_costs(levels: list[dict]) -> dict[str, float]:
+    """CPU ms per extra image of each process: the slope of its busy cores against the acknowledged
+    images/s over the levels. Unlike a level's ratio, it leaves out the fixed background work (Redis's
+    cron and fsync, heartbeats, idle polling), which dominates at low rates."""
+    import numpy as np
+
+    if len(levels) < 2:
+        return {}
+    x = np.array([lv["acked_per_s"] for lv in levels])
+    out = {k: 1000 * float(np.polyfit(x, [lv["cpu_cores"][k] for lv in levels], 1)[0]) for k in levels[0]["cpu_cores"]}
+    out["redis_self"] = 1000 * float(np.polyfit(x, [lv["redis"]["cpu_share"] for lv in levels], 1)[0])
+    return out
 
 
 def plot(levels: list[dict], path: Path, title: str) -> None:
@@ -205,7 +221,10 @@ def main(argv=None) -> int:
         server.stop()
     best = max(levels, key=lambda lv: lv["images_per_s"])
     result = {"argv": sys.argv[1:], "profile": a.profile, "preset": a.preset, "steps": a.steps, "apis": a.apis,
-              "cpus": os.cpu_count(), "levels": levels, "best": best, "seconds": time.time() - started}
+              "cpus": os.cpu_count(), "levels": levels, "best": best, "marginal": marginal_costs(levels),
+              "seconds": time.time() - started}
+    log("[scale] marginal CPU ms per image (slope over the levels): "
+        + json.dumps({k: round(v, 3) for k, v in result["marginal"].items()}))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2))
