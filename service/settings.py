@@ -37,6 +37,18 @@ class Settings(BaseSettings):
         None, description="File holding the Redis password (Kubernetes Secret mount); overrides the URL's."
     )
     key_prefix: str = Field("ldit", description="Prefix of every Redis key, stream and channel.")
+    redis_max_connections: int = Field(
+        64, ge=2, description="Redis connections in each process's pool (the API's requests share it)."
+    )
+    redis_pool_timeout_s: float = Field(
+        5.0, gt=0, description="How long a caller waits for a free pooled connection before failing (503)."
+    )
+    redis_retries: int = Field(
+        3, ge=0, description="Retries, with exponential backoff, of a Redis call that lost its connection."
+    )
+    redis_health_check_interval_s: float = Field(
+        10.0, ge=0, description="A pooled connection idle this long is PINGed before use (0: never)."
+    )
 
     # --- model and engine ----------------------------------------------------
     model_dir: Path = Field(
@@ -89,6 +101,11 @@ class Settings(BaseSettings):
     # --- queue ---------------------------------------------------------------
     max_queue_length: int = Field(256, ge=1, description="Pending jobs above this answer 429 with Retry-After.")
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline of a job from acceptance; past it: timeout error.")
+    admission_headroom: float = Field(
+        0.8, gt=0, le=1,
+        description="A job is accepted only if the work ahead, at the workers' measured speed, lets it finish "
+                    "within this share of request_timeout_s; else 429 with Retry-After.",
+    )
     result_ttl_s: int = Field(3600, ge=1, description="How long results (and the result cache) live in Redis.")
     visibility_timeout_ms: int = Field(
         30000, ge=100, description="A job held this long by a silent worker is claimed by another (XAUTOCLAIM)."
@@ -126,6 +143,21 @@ class Settings(BaseSettings):
     )
     rate_limit_per_minute: int = Field(0, ge=0, description="Requests per minute per API key (0: unlimited).")
     cors_origins: str = Field("", description="Comma-separated allowed CORS origins (empty: CORS off).")
+    trusted_proxies: str = Field(
+        "", description="Comma-separated proxy addresses/networks whose X-Forwarded-For is believed "
+                        "(empty: none; the client is the TCP peer)."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A connection must deliver a whole request head (and each body chunk) within this."
+    )
+    max_http_connections: int = Field(
+        512, ge=1, description="Client connections above this get 503 with Retry-After and are closed."
+    )
+    protect_metrics: bool = Field(False, description="/metrics needs an API key too (with api_keys_file).")
+    protect_docs: bool = Field(
+        False, description="/docs, /redoc and /openapi.json need an API key too (with api_keys_file)."
+    )
 
     # --- logging -----------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log level.")

@@ -16,7 +16,15 @@ sample-set image goes to its set's file and is counted in one Lua call
 A job is acknowledged (and deleted from the stream) only after its result is
 stored, in one MULTI/EXEC. Jobs this worker holds are re-claimed to itself
 every heartbeat so their idle time stays below the visibility timeout; a
-crashed worker stops doing that and its jobs go to the next XAUTOCLAIM.
+crashed worker stops doing that and its jobs go to the next XAUTOCLAIM, whose
+cursor every worker keeps and advances, so a long pending list is scanned whole.
+
+The heartbeat is written only while the loop ticks: a loop stuck for longer than
+`heartbeat_ttl_s` withdraws it (readiness fails, and held jobs are no longer kept
+from the other workers). The loop survives a deleted stream or consumer group by
+creating it again. Each heartbeat carries the measured tick time against rows per
+forward (service/capacity.py), from which the API's admission estimates how long
+the work ahead will take.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import redis
+import torch
 from PIL import Image
 
-from service import batches, metrics
+from model.sampling import SamplerPreset
+from service import batches, metrics, queue
+from service.capacity import TickModel, row_steps
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
 from service.scheduler import DecodeQueue, Sample, Scheduler
@@ -45,6 +56,8 @@ log = logging.getLogger("ldit.worker")
 
 IDLE_BLOCK_MS = 500  # how long an idle worker blocks on the stream before checking its stop flag
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per worker, whatever the step rate
+RECLAIM_CALLS = 16  # most XAUTOCLAIM calls per stream and reclaim pass (each scans at most COUNT x 10 entries)
+RECONCILE_MAX_ENTRIES = 10000  # recount the queue's work only while the stream is this short
 
 
 def default_worker_name() -> str:
@@ -55,6 +68,14 @@ def encode_png(image: np.ndarray, level: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
+
+
+def non_finite(latents: list[torch.Tensor]) -> list[bool]:
+    """Which finished latents hold NaN or inf: one small device-to-host read per finished batch."""
+    stacked = torch.stack(latents)
+    if stacked.is_meta:  # shapes without data (tests/test_device_discipline.py): nothing to read
+        return [False] * len(latents)
+    return (~torch.isfinite(stacked).flatten(1).all(1)).tolist()
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
@@ -94,39 +115,62 @@ class Worker:
         self._last_progress = 0.0
         self._images = 0  # finished since the last heartbeat
         self.images_per_s = 0.0  # smoothed, reported in the heartbeat (estimated start times)
+        self._claim_cursor: dict[str, str] = {}  # per stream: where the next XAUTOCLAIM goes on
         self._held: list[str] = []  # stream ids of waiting + active jobs, refreshed every tick
+        self._last_tick = time.monotonic()  # the loop's pulse, read by the heartbeat thread
+        self.ticks = TickModel(settings.max_batch_size)
+        self.ready = threading.Event()  # set after the first heartbeat
+        self._end_script = r.register_script(queue.END)
+        self._release_script = r.register_script(queue.RELEASE)
+        self._reconcile_script = r.register_script(queue.RECONCILE)
 
     # -- the loop ---------------------------------------------------------------------
-    def _ensure_group(self) -> None:
+    def _ensure_group(self) -> bool:
         try:
             ensure_group(self.r, self.keys)
-        except redis.RedisError:
-            pass
+            return True
+        except redis.RedisError as err:  # unreachable, or the key holds something else: retried later
+            log.warning("cannot create the consumer group (%r)", err)
+            return False
 
     def run(self) -> None:
-        ensure_group(self.r, self.keys)
+        backoff = 0.1
+        while not self._ensure_group() and not self.stop_event.wait(backoff):  # Redis may still be starting
+            backoff = min(2 * backoff, 2.0)
+        self._calibrate()
+        self._last_tick = time.monotonic()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.info("worker started", extra={"worker": self.name, "batching": self.s.batching})
         try:
             backoff = 0.1
             while not self.stop_event.is_set():
+                self._last_tick = time.monotonic()
                 try:
                     self.tick()
                     backoff = 0.1
+                    continue
                 except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
                     # Redis restarting: keep the samples in memory and retry; held jobs are
                     # still pending in the (persisted) stream if this worker dies meanwhile.
                     log.warning("redis unavailable (%r); retrying in %.1f s", err, backoff)
-                    self.stop_event.wait(backoff)
-                    backoff = min(2 * backoff, 2.0)
-                    self._ensure_group()
+                except redis.ResponseError as err:
+                    if "NOGROUP" not in str(err) and "no longer exists" not in str(err):
+                        log.exception("redis refused a command")
+                    else:  # someone deleted the stream or the group: make them again, go on
+                        log.warning("job stream or consumer group lost (%s); recreating it", err)
+                        self._claim_cursor.clear()
+                except Exception:  # noqa: BLE001 - the loop must outlive any one tick
+                    log.exception("worker tick failed")
+                self.stop_event.wait(backoff)
+                backoff = min(2 * backoff, 2.0)
+                self._ensure_group()
             self._drain()
         finally:
             self.pool.shutdown(wait=True)
             try:
-                self.r.delete(self.keys.heartbeat(self.name))
-            except redis.RedisError:  # it expires by itself
+                self.r.hdel(self.keys.workers, self.name)
+            except redis.RedisError:  # readers prune it once stale
                 pass
             log.info("worker stopped", extra={"worker": self.name})
 
@@ -135,9 +179,13 @@ class Worker:
         self.stop_event.set()
 
     def tick(self) -> None:
+        # when idle the read below may block: such a tick is not timed
+        busy = bool(self.scheduler.active or self.waiting or self.waiting_batch or self.decodes)
+        start = time.perf_counter()
         now = time.time()
         if now - self._last_reclaim > self.s.visibility_timeout_ms / 2000:
             self._reclaim()
+            self._reconcile()
             self._last_reclaim = now
         self._read_jobs()
         self._expire(time.time())
@@ -147,7 +195,9 @@ class Worker:
             admitted = self.scheduler.admit_waiting(self.waiting, 0)
             admitted += self.scheduler.admit_waiting(self.waiting_batch, 1)
             self._on_admit(admitted, was_active)
-        self._step()
+        rows = self._step()
+        if busy and rows:
+            self.ticks.observe(rows, time.perf_counter() - start)
         self._publish_progress()
 
     def _publish_progress(self) -> None:
@@ -162,6 +212,22 @@ class Worker:
         if not progress:
             return
         self.r.publish(self.keys.events, json.dumps({"progress": progress}))
+
+    def _calibrate(self) -> None:
+        """Time a forward of one row and of a full batch, so the first heartbeat already carries a rate."""
+        one_step = SamplerPreset(num_steps=2)
+        seconds = {}
+        for rows in sorted({1, self.s.max_batch_size}):
+            times = []
+            for _ in range(4):  # the first run pays lazy initialisation; the median of the others counts
+                for i in range(rows):
+                    self.scheduler.admit(Job(class_id=0, seed=i, preset=one_step, key="calibration",
+                                             deadline=float("inf")))
+                plan = self.scheduler.schedule()
+                times.append(self.runner.step(plan)[1])
+                self.scheduler.drop(lambda s: s.job.key == "calibration")
+            seconds[rows] = sorted(times[1:])[1]
+        self.ticks.calibrate(seconds)
 
     def _hot_swap(self) -> None:
         """Load a newly published checkpoint in the background; switch between batches."""
@@ -191,6 +257,7 @@ class Worker:
         self.waiting.clear()
         self.waiting_batch.clear()
         while self.scheduler.active or self.decodes:
+            self._last_tick = time.monotonic()
             self._expire(time.time())
             self._step()
 
@@ -249,14 +316,24 @@ class Worker:
             return None
 
     def _reclaim(self) -> None:
-        """XAUTOCLAIM jobs idle past the visibility timeout; poison jobs go to the dead-letter stream."""
+        """XAUTOCLAIM jobs idle past the visibility timeout; poison jobs go to the dead-letter stream.
+
+        Each call scans at most COUNT x 10 pending entries and returns where to go on: the
+        cursor is kept across passes, so dead workers' entries behind many live ones are reached.
+        """
+        count = max(1, self.s.max_batch_size)
         for stream in (self.keys.stream, self.keys.batch_stream):
-            reply = self.r.xautoclaim(stream, GROUP, self.name, self.s.visibility_timeout_ms,
-                                      start_id="0-0", count=max(1, self.s.max_batch_size))
+            cursor, claimed = self._claim_cursor.get(stream, "0-0"), []
+            for _ in range(RECLAIM_CALLS):
+                reply = self.r.xautoclaim(stream, GROUP, self.name, self.s.visibility_timeout_ms,
+                                          start_id=cursor, count=count)
+                cursor = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
+                claimed += [(e, f) for e, f in reply[1] if f is not None]
+                if cursor == "0-0" or len(claimed) >= count:
+                    break
+            self._claim_cursor[stream] = cursor
             reclaimed = []
-            for entry_id, fields in reply[1]:
-                if fields is None:
-                    continue
+            for entry_id, fields in claimed:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 info = self.r.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
                 deliveries = int(info[0]["times_delivered"]) if info else 1
@@ -272,9 +349,9 @@ class Worker:
             self._queue(reclaimed, front=True)  # they are older than anything read since
 
     def _expire(self, now: float) -> None:
-        for queue in (self.waiting, self.waiting_batch):
-            for job in [j for j in queue if j.expired(now)]:
-                queue.remove(job)
+        for pending in (self.waiting, self.waiting_batch):
+            for job in [j for j in pending if j.expired(now)]:
+                pending.remove(job)
                 self._fail(job, "timeout", "the request's deadline passed before it could start")
         for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
             self._fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
@@ -294,8 +371,13 @@ class Worker:
             metrics.ADMITTED_MID_FLIGHT.inc(len(samples))
         pipe.execute()
 
+    def _reconcile(self) -> None:
+        """Recount the work in the queue from the stream (it drifts only when entries vanish unended)."""
+        self._reconcile_script(keys=[self.keys.stream, self.keys.work], args=[RECONCILE_MAX_ENTRIES])
+
     # -- compute ------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self) -> int:
+        """One forward for the planned samples, and any decode due; returns the forward's rows (0: none ran)."""
         self._held = [(j.stream, j.stream_id)
                       for j in (*self.waiting, *self.waiting_batch,
                                 *(s.job for s in (*self.scheduler.active, *self.decodes.waiting)))]
@@ -303,14 +385,14 @@ class Worker:
         metrics.ACTIVE_SLOTS.set(len(self.scheduler.active))
         if plan is None:
             self._decode_due()
-            return
+            return 0
         try:
             x_next, seconds = self.runner.step(plan)
         except Exception:  # noqa: BLE001 - leave the jobs pending; XAUTOCLAIM retries them
             log.exception("forward failed; %d jobs left for redelivery", len(plan.samples))
             ids = {id(s) for s in plan.samples}
             self.scheduler.drop(lambda s: id(s) in ids)
-            return
+            return 0
         with self._lock:
             self._busy_s += seconds
         metrics.EXEC_COUNT.inc()
@@ -318,6 +400,7 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(plan.samples))
         self.decodes.add(self.scheduler.commit(plan, x_next, seconds))
         self._decode_due()
+        return plan.rows
 
     def _decode_due(self) -> None:
         batch = self.decodes.due(time.time(), self.scheduler.active_rows(), self.scheduler.max_rows)
@@ -325,6 +408,12 @@ class Worker:
             self._finish(batch)
 
     def _finish(self, samples: list[Sample]) -> None:
+        broken = set(i for i, bad in enumerate(non_finite([s.x for s in samples])) if bad)
+        for i in broken:  # a black image must never be stored (and cached) as a result
+            self._fail(samples[i].job, "non_finite", "the sampler produced non-finite values; no image was stored")
+        samples = [s for i, s in enumerate(samples) if i not in broken]
+        if not samples:
+            return
         try:
             images, seconds = self.runner.decode([s.x for s in samples])
         except Exception:  # noqa: BLE001
@@ -428,20 +517,19 @@ class Worker:
                 time.sleep(min(0.1 * 2**attempt, 1.0))
 
     def _end(self, job: Job, status: dict, extra=None) -> None:
-        """Record a job's end, acknowledge and delete its entry, wake its waiter: one transaction."""
+        """Record a job's end (and its followers'), acknowledge and delete its entry, release its work,
+        wake its waiters: one transaction."""
         if job.batch:
             return self._record(job, status["status"])
 
         def commands(pipe):
             if extra is not None:
                 extra(pipe)
-            pipe.hset(self.keys.job(job.id), mapping=status)
-            pipe.expire(self.keys.job(job.id), self.s.result_ttl_s)
-            pipe.xack(job.stream or self.keys.stream, GROUP, job.stream_id)
-            pipe.xdel(job.stream or self.keys.stream, job.stream_id)
-            if job.reply_to:
-                pipe.publish(job.reply_to, job.id)
-            pipe.publish(self.keys.events, json.dumps({"end": {job.id: status["status"]}}))
+            self._end_script(
+                keys=[self.keys.job(job.id), self.keys.stream, self.keys.work, self.keys.inflight(job.key)],
+                args=[job.stream_id, GROUP, self.s.result_ttl_s, job.id, job.reply_to, self.keys.prefix,
+                      queue.as_json(status), self.keys.events],
+                client=pipe)
 
         self._transaction(commands)
 
@@ -460,12 +548,15 @@ class Worker:
     def _release(self, jobs: list[Job]) -> None:
         """Hand jobs back to the queue at once (re-added, same id), instead of waiting for XAUTOCLAIM."""
         for job in jobs:
-            stream = job.stream or self.keys.stream
-            pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(stream, job.to_fields())
-            pipe.xack(stream, GROUP, job.stream_id)
-            pipe.xdel(stream, job.stream_id)
-            pipe.execute()
+            if job.batch:  # sample sets have no work counter, single flight or status hash
+                pipe = self.r.pipeline(transaction=True)
+                pipe.xadd(job.stream, job.to_fields())
+                pipe.xack(job.stream, GROUP, job.stream_id)
+                pipe.xdel(job.stream, job.stream_id)
+                pipe.execute()
+            else:
+                self._release_script(keys=[self.keys.job(job.id), self.keys.stream, self.keys.work],
+                                     args=[job.stream_id, GROUP, queue.as_json(job.to_fields()), job.cost])
         if jobs:
             log.info("released jobs", extra={"count": len(jobs)})
 
@@ -481,11 +572,20 @@ class Worker:
         return held
 
     def _heartbeat_loop(self) -> None:
-        """Beat at once (readiness), then every interval until stopped and drained."""
-        last = time.monotonic()
+        """Beat at once (readiness), then every interval until stopped and drained, while the loop ticks."""
+        last, stalled = time.monotonic(), False
         while True:
             try:
-                self.heartbeat()
+                quiet_s = time.monotonic() - self._last_tick
+                if quiet_s > self.s.heartbeat_ttl_s:
+                    if not stalled:
+                        log.error("worker loop silent for %.1f s; heartbeat withdrawn", quiet_s)
+                    stalled = True
+                    self.r.hdel(self.keys.workers, self.name)
+                else:
+                    stalled = False
+                    self.heartbeat()
+                    self.ready.set()
                 now = time.monotonic()
                 with self._lock:
                     metrics.BUSY_RATIO.set(min(1.0, self._busy_s / max(1e-9, now - last)))
@@ -500,10 +600,20 @@ class Worker:
             if self.stop_event.wait(self.s.heartbeat_interval_s) and not self.scheduler.active and not self.decodes:
                 break
 
+    def done_rows(self) -> int:
+        """Row-steps already computed for jobs still counted in the queue's work (active and finishing)."""
+        with self._lock:
+            finishing = list(self.finishing.values())
+        active, decoding = list(self.scheduler.active), list(self.decodes.waiting)
+        done = [row_steps(s.job.preset, s.step) for s in active if not s.job.batch]  # sets are not in that work
+        return sum(done) + sum(row_steps(j.preset) for j in (*(s.job for s in decoding), *finishing) if not j.batch)
+
     def heartbeat(self) -> None:
         info = {"name": self.name, "model_version": self.version, "active": len(self.scheduler.active),
                 "max_rows": self.s.max_batch_size, "batching": self.s.batching,
-                "images_per_s": round(self.images_per_s, 3), "ts": time.time(), **self.engine_info}
-        self.r.set(self.keys.heartbeat(self.name), json.dumps(info), px=int(self.s.heartbeat_ttl_s * 1000))
+                "images_per_s": round(self.images_per_s, 3), "ts": time.time(),
+                "loop_age_s": round(time.monotonic() - self._last_tick, 3), "rate": self.ticks.published(),
+                "done_rows": self.done_rows(), **self.engine_info}
+        self.r.hset(self.keys.workers, self.name, json.dumps(info))
         for stream, held in self.held_ids().items():  # keep our jobs' idle time below the visibility timeout
             self.r.xclaim(stream, GROUP, self.name, 0, held, justid=True)

@@ -230,7 +230,7 @@ def test_queue_full_answers_429_with_retry_after(bundle_dir):
     try:
         codes = [httpx.post(f"{api.url}/jobs", json={"class_label": 1, "seed": s}).status_code for s in range(3)]
         assert codes == [202, 202, 202]
-        r = httpx.post(f"{api.url}/generate", json={"class_label": 1, "seed": 99}, timeout=10)
+        r = httpx.post(f"{api.url}/jobs", json={"class_label": 1, "seed": 99}, timeout=10)
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "queue_full"
         assert httpx.get(f"{api.url}/readyz").status_code == 503  # no worker heartbeat
     finally:

@@ -243,7 +243,7 @@ def test_worker_heartbeat_says_simulated(tmp_path):
            "LDIT_MODEL_DIR": str(DEMO_MODEL_DIR), "LDIT_REDIS_URL": server.url, "LDIT_WORKER_NAME": "sim-1"}
     worker = start_service("worker", env)
     try:
-        beat = json.loads(server.client().get(Keys("ldit").heartbeat("sim-1")))
+        beat = json.loads(server.client().hget(Keys("ldit").workers, "sim-1"))
         assert beat["backend"] == "simulated" and beat["simulated_profile"] == "xl1-256-h200-measured"
         assert beat["image_size"] == 256
     finally:
