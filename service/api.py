@@ -121,7 +121,6 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         await app.state.events.stop()
         await app.state.waiter.stop()
         await app.state.redis.aclose()
-        await pool.aclose()
 
     app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional image generation with LightningDiT + VA-VAE.",
