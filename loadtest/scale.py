@@ -219,6 +219,10 @@ def main(argv=None) -> int:
         for sp in [*workers, *apis]:
             sp.stop()
         server.stop()
+        # what the services complained about (e.g. why a level had failures), kept beside Locust's CSVs
+        complaints = [line for sp in [*apis, *workers] for line in sp.lines
+                      if '"level": "warning"' in line or '"level": "error"' in line]
+        (a.out / "service-warnings.log").write_text("".join(complaints))
     best = max(levels, key=lambda lv: lv["images_per_s"])
     result = {"argv": sys.argv[1:], "profile": a.profile, "preset": a.preset, "steps": a.steps, "apis": a.apis,
               "cpus": os.cpu_count(), "levels": levels, "best": best, "marginal": marginal_costs(levels),
