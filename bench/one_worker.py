@@ -18,6 +18,7 @@ per image (INFO), PNG bytes. `--cprofile DIR` runs the API and the worker under 
 
     python bench/one_worker.py --quick
     python bench/one_worker.py --profile b1-256-h100-flops40 --steps 25 --duration 60 --json bench/out/one_worker.json
+    python bench/one_worker.py --plot-runs a.json b.json --plot docs/img/one_worker.png   # runs side by side
 """
 
 from __future__ import annotations
@@ -221,6 +222,37 @@ def top_functions(path: Path, n: int = 25) -> list[str]:
     return out
 
 
+def plot_runs(paths: list[Path], out: Path) -> None:
+    """Saved runs side by side: images/s of the engine alone and the service; CPU ms per image by process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    names = [p.stem for p in paths]
+    x = range(len(runs))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.bar([i - 0.2 for i in x], [r["engine_alone"]["images_per_s"] for r in runs], 0.4, label="engine alone")
+    ax1.bar([i + 0.2 for i in x], [r["service"]["images_per_s"] for r in runs], 0.4, label="whole service")
+    for i, r in enumerate(runs):
+        ax1.annotate(f"{r['ratio']:.2f}", (i + 0.2, r["service"]["images_per_s"]), ha="center", va="bottom")
+    ax1.set(ylabel="images/s", title="one worker: service / engine alone")
+    bottom = [0.0] * len(runs)
+    for key in ("api", "worker", "redis", "clients"):
+        vals = [r["service"]["cpu_ms_per_image"][key] for r in runs]
+        ax2.bar(list(x), vals, 0.6, bottom=bottom, label=key)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax2.set(ylabel="CPU ms per image", title="where the CPU goes")
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(x), names, rotation=15, fontsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short run (15 s windows)")
@@ -238,7 +270,12 @@ def main(argv=None) -> int:
     p.add_argument("--decode-delay-ms", type=float, default=20.0)
     p.add_argument("--cprofile", type=Path, default=None, help="profile the API and worker main threads into DIR")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot-runs", type=Path, nargs="+", default=None, help="only plot these saved --json runs")
+    p.add_argument("--plot", type=Path, default=None, help="where --plot-runs saves its figure")
     a = p.parse_args(argv)
+    if a.plot_runs:
+        plot_runs(a.plot_runs, a.plot or Path("bench/out/one_worker.png"))
+        return 0
     if a.quick:
         a.duration, a.warmup = 15.0, 5.0
     profile = load_profile(a.profile)
