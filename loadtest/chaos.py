@@ -123,6 +123,21 @@ def json_error(resp: httpx.Response) -> str:
     return body.get("error", "") if isinstance(body, dict) and body.get("message") else ""
 
 
+def submit_job(http: httpx.Client, url: str, o: Outcome, body: dict) -> bool:
+    """POST /jobs; records the answer on `o`; True when the job was accepted (202)."""
+    try:
+        r = http.post(f"{url}/jobs", json=body)
+    except httpx.HTTPError as err:
+        o.kind, o.code = "refused", f"transport on submit: {err!r}"  # not known to be accepted
+        return False
+    o.status = r.status_code
+    if r.status_code != 202:
+        o.kind, o.code = "refused", json_error(r) or f"status {r.status_code}"
+        return False
+    o.accepted, o.job_id = True, r.json()["id"]
+    return True
+
+
 class Client(threading.Thread):
     """One user: posts requests until the run ends; each request gets one final outcome."""
 
@@ -185,16 +200,8 @@ class Client(threading.Thread):
             o.accepted, o.kind, o.code = True, "lost", f"unexpected {r.status_code}: {r.text[:200]!r}"
 
     def do_jobs(self, o: Outcome, body: dict) -> None:
-        try:
-            r = self.http.post(f"{self.url}/jobs", json=body)
-        except httpx.HTTPError as err:
-            o.kind, o.code = "refused", f"transport on submit: {err!r}"  # not known to be accepted
+        if not submit_job(self.http, self.url, o, body):
             return
-        o.status = r.status_code
-        if r.status_code != 202:
-            o.kind, o.code = "refused", json_error(r) or f"status {r.status_code}"
-            return
-        o.accepted, o.job_id = True, r.json()["id"]
         end = o.started + self.deadline_s
         last = ""
         while time.time() < end:
@@ -264,17 +271,8 @@ class Backlog(threading.Thread):
                 body["steps"] = o.steps
             with self.lock:
                 self.out.append(o)
-            try:
-                r = self.http.post(f"{self.url}/jobs", json=body)
-            except httpx.HTTPError as err:
-                o.kind, o.code = "refused", f"transport on submit: {err!r}"
-                continue
-            o.status = r.status_code
-            if r.status_code != 202:
-                o.kind, o.code = "refused", json_error(r) or f"status {r.status_code}"
-                continue
-            o.accepted, o.job_id = True, r.json()["id"]
-            mine.append(o)
+            if submit_job(self.http, self.url, o, body):
+                mine.append(o)
         self.submitted = len(mine)
         deadline = time.time() + self.cfg.request_timeout_s + 60
         left = list(mine)
