@@ -52,10 +52,31 @@ from service.settings import DEMO_MODEL_DIR  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant (a worker's encoder processes count as the worker's CPU)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:  # the thread or the process ended meanwhile
+                pass
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """User + system CPU so far of a process (all its threads) and of its live descendants, plus
+    what its ended children used (cutime/cstime, counted once the parent has waited for them)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15]) / TICK
+    return total
 
 
 def rate_between(stamps: list[float], t0: float, t1: float) -> float:
@@ -72,7 +93,7 @@ def engine_alone(bundle, profile, preset, max_rows: int, clients: int, seconds: 
     sched = Scheduler(max_rows, bundle.spec.latent_shape, "step", device=engine.device)
     decodes = DecodeQueue(decode_delay_ms / 1000, max_rows)
     waiting: deque[Job] = deque()
-    issued, stamps, forwards = 0, [], 0
+    issued, stamps, forwards, pending = 0, [], 0, []
     start = time.perf_counter()
     cpu0 = time.thread_time()
     with torch.inference_mode():
@@ -88,10 +109,11 @@ def engine_alone(bundle, profile, preset, max_rows: int, clients: int, seconds: 
                 forwards += 1
                 decodes.add(sched.commit(plan, x_next, secs))
             batch = decodes.due(time.time(), sched.active_rows(), max_rows)
-            if batch:
-                runner.decode([s.x for s in batch])
-                now = time.perf_counter()
-                stamps += [now] * len(batch)
+            if batch:  # as the worker does: enqueue the decode, collect the images later (a pool thread there)
+                if pending:
+                    pending[0].wait()
+                    stamps += [time.perf_counter()] * len(pending[0].finite)
+                pending[:] = [runner.decode_async([s.x for s in batch])]
     end = time.perf_counter()
     return {"images_per_s": rate_between(stamps, start + warmup_s, end), "forwards": forwards,
             "host_cpu_s_per_forward": (time.thread_time() - cpu0) / max(1, forwards),
@@ -166,9 +188,9 @@ def service_run(a, profile_ref: str, body: dict, num_classes: int, prof_dir: Pat
     env = {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(a.model_dir), "LDIT_BACKEND": "simulated",
            "LDIT_SIMULATED_PROFILE": profile_ref, "LDIT_MAX_BATCH_SIZE": str(a.max_batch_size),
            "LDIT_MAX_QUEUE_LENGTH": str(4 * a.clients), "LDIT_REQUEST_TIMEOUT_S": "300",
-           "LDIT_RESULT_TTL_S": "60", "LDIT_PNG_THREADS": str(a.png_threads),
-           "LDIT_PNG_COMPRESS_LEVEL": str(a.png_level), "LDIT_MAX_DECODE_DELAY_MS": str(a.decode_delay_ms),
-           "OMP_NUM_THREADS": "1"}
+           "LDIT_RESULT_TTL_S": "60",
+           "LDIT_MAX_DECODE_DELAY_MS": str(a.decode_delay_ms),
+           "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in service_knobs(a).items()}}
     procs = {}
     try:
         for role in ("api", "worker"):
@@ -208,6 +230,17 @@ def service_run(a, profile_ref: str, body: dict, num_classes: int, prof_dir: Pat
         for sp in procs.values():
             sp.stop()
         server.stop()
+
+
+def service_knobs(a) -> dict:
+    """The image-path settings of this run: the service's defaults unless an option overrides them."""
+    from service.settings import Settings
+
+    knobs = {"png_threads": a.png_threads, "png_compress_level": a.png_level, "png_encoder": a.png_encoder,
+             "png_filter": a.png_filter, "encode_processes": a.encode_processes}
+    defaults = Settings()
+    return {"LDIT_" + k.upper(): (v if v is not None else getattr(defaults, k, None)) for k, v in knobs.items()
+            if v is not None or hasattr(defaults, k)}
 
 
 def top_functions(path: Path, n: int = 25) -> list[str]:
@@ -266,7 +299,10 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=60.0, help="measured seconds (service and engine alone)")
     p.add_argument("--warmup", type=float, default=10.0)
     p.add_argument("--png-threads", type=int, default=2)
-    p.add_argument("--png-level", type=int, default=6)
+    p.add_argument("--png-level", type=int, default=None, help="LDIT_PNG_COMPRESS_LEVEL (default: the service's)")
+    p.add_argument("--png-encoder", default=None, help="LDIT_PNG_ENCODER (default: the service's)")
+    p.add_argument("--png-filter", default=None, help="LDIT_PNG_FILTER (default: the service's)")
+    p.add_argument("--encode-processes", type=int, default=None, help="LDIT_ENCODE_PROCESSES (default: the service's)")
     p.add_argument("--decode-delay-ms", type=float, default=20.0)
     p.add_argument("--cprofile", type=Path, default=None, help="profile the API and worker main threads into DIR")
     p.add_argument("--json", type=Path, default=None)
@@ -305,8 +341,7 @@ def main(argv=None) -> int:
     log("[one_worker] redis per image: " + json.dumps({k: round(v, 2) for k, v in svc["redis"].items()})
         + f"; PNG {svc['png_bytes_mean'] / 1000:.1f} kB")
     result = {"machine": machine(), "argv": sys.argv[1:], "profile": profile.name, "preset": preset.to_dict(),
-              "max_batch_size": a.max_batch_size, "clients": a.clients, "png_level": a.png_level,
-              "png_threads": a.png_threads, "engine_alone": alone, "service": svc, "ratio": ratio}
+              "max_batch_size": a.max_batch_size, "clients": a.clients, "service_knobs": service_knobs(a), "engine_alone": alone, "service": svc, "ratio": ratio}
     if a.cprofile:
         result["cprofile"] = {role: top_functions(a.cprofile / f"{role}.prof") for role in ("api", "worker")}
         for role, lines in result["cprofile"].items():

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Does PNG encoding hold the GIL? CPU per image by zlib level, and one thread against several.
 
-The worker encodes PNGs on a thread pool (`LDIT_PNG_THREADS`) next to its compute thread; if
+The worker encoded PNGs with Pillow on a thread pool (before service/png.py) (`LDIT_PNG_THREADS`) next to its compute thread; if
 Pillow held the GIL while compressing, those threads would stall the compute loop. Encodes the
 simulated engine's photo crops (256x256, the size the service makes) with the worker's own
-`encode_png`, serially and then split over `--threads` threads, and prints the speedup (close to
+Pillow encoder (bench/png_formats.py's `pillow_png`), serially and then split over `--threads` threads, and prints the speedup (close to
 the thread count: the compression runs without the GIL).
 
     python bench/png_threads.py
@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from engines.simulated import crop_pool, photo_paths  # noqa: E402
-from service.worker import encode_png  # noqa: E402
+from bench.png_formats import pillow_png as encode_png  # noqa: E402
 
 
 def encode_all(images, level: int) -> None:

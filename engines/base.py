@@ -8,6 +8,9 @@ The sampler needs two primitives only (see docs/architecture.md):
   value in 1..max_rows; CFG is done by the caller.
 * `decode(z)`: VA-VAE decoder over de-normalised latents [N, C, H, W] float32;
   returns uint8 images [N, H', W', 3] on the CPU (the official conversion).
+  `decode_async(z)` is the same without waiting (the service's path): the uint8
+  conversion runs on the device and the copy to pinned host memory is
+  non-blocking; the images may be read once the mark it returns was called.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ class Engine(ABC):
 
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_async(self, z: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+        """`decode(z)` without waiting for the device: uint8 images [N, H, W, 3] in host memory that may
+        be read once the returned mark was called. Backends whose decode is synchronous return a
+        mark with nothing to wait for."""
+        return self.decode(z), _done
+
+    def to_host_async(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of `t` enqueued after the work so far (pinned, non-blocking on CUDA); valid once a
+        later mark was called. On the CPU it is `t` itself."""
+        if t.device.type != "cuda":
+            return t
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
 
     def mark(self) -> Callable[[], None]:
         """A mark after everything enqueued so far: calling it blocks the host until the device has run

@@ -154,11 +154,14 @@ class SimulatedEngine(Engine):
         return (head.abs().sum(dim=1) * 1e4).long() % self.pool.shape[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        n = z.shape[0]
+        images, wait = self.decode_async(z)
+        wait()  # the images are on the host once the device is done
+        return images
+
+    def decode_async(self, z: torch.Tensor):
+        """The decode's device time is queued, and the images count as on the host once the queue passed it."""
         if tuple(z.shape[1:]) != tuple(self.latent_shape):
             raise ValueError(f"decode: latents {tuple(z.shape)} are not [N, {', '.join(map(str, self.latent_shape))}]")
-        for k in self._chunks(n):
+        for k in self._chunks(z.shape[0]):
             self.device_queue.enqueue(self.profile.decode_ms(k) / 1000)
-        images = self.pool[self.pick(z.detach().cpu())]
-        self.device_queue.wait()  # the images are on the host once the device is done
-        return images
+        return self.pool[self.pick(z.detach().cpu())], self.device_queue.mark()

@@ -20,6 +20,7 @@ depends only on (model, class, seed, preset), never on its batch mates or the de
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -55,7 +56,13 @@ class SamplerPreset:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(_fields_of(self))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fields_of(preset: SamplerPreset) -> tuple[tuple[str, object], ...]:
+    # The serving path keys and queues every request by its preset's fields: computed once per preset.
+    return tuple(dataclasses.asdict(preset).items())
 
 
 PRESETS: dict[str, SamplerPreset] = {
@@ -75,6 +82,12 @@ def time_grid(num_steps: int, shift: float = 0.0, device: torch.device | str = "
         t = (shift * t) / (1 + (shift - 1) * t)
         t[-1] = 1.0  # the data end, which the float32 formula can miss by an ulp (shift 0.1: 0.99999976)
     return t.to(device)
+
+
+@functools.lru_cache(maxsize=1024)
+def time_grid_values(num_steps: int, shift: float = 0.0) -> tuple[float, ...]:
+    """`time_grid` as Python floats, computed once per (num_steps, shift): the serving path asks per request."""
+    return tuple(time_grid(num_steps, shift).tolist())
 
 
 def initial_noise(seed: int, shape: tuple[int, int, int]) -> torch.Tensor:

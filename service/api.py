@@ -264,12 +264,16 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
                 metrics.REQUEST_SUCCESS.labels("generate").inc()
                 return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
             try:
-                await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
+                reply = await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
             except asyncio.TimeoutError:
                 metrics.REQUEST_FAILURE.labels("generate", "timeout").inc()
                 return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
         finally:
             waiter.forget(job.id)
+        if reply is not None and reply.png is not None:  # the worker sent the image with its wake-up
+            metrics.REQUEST_SUCCESS.labels("generate").inc()
+            metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
+            return png_response(reply.png, ResultMeta.from_json(reply.status["meta"]), job.id, job.seed, cached=False)
         record = await job_record(r, job.id, caller)
         if record is None or record[0].status != "done":
             return failure_response(record[0] if record else JobStatus(id=job.id, status="failed", error="lost"),
@@ -386,6 +390,9 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
 def route_of(app: FastAPI, scope) -> str:
     """The route template a request matches ("/jobs/{job_id}"), a bounded metric label."""
+    matched = scope.get("route")  # set by the router once it matched: no second pass over every route
+    if matched is not None and hasattr(matched, "path"):
+        return matched.path
     for route in app.router.routes:
         if route.matches(scope)[0] == Match.FULL:
             return getattr(route, "path", "other")

@@ -15,12 +15,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from model.sampling import SamplerPreset, time_grid
+from model.sampling import SamplerPreset, time_grid_values
 
 
 @lru_cache(maxsize=256)
 def _rows_per_step(preset: SamplerPreset) -> tuple[int, ...]:
-    return tuple(2 if preset.guided_at(t) else 1 for t in time_grid(preset.num_steps, preset.timestep_shift)[:-1].tolist())
+    return tuple(2 if preset.guided_at(t) else 1 for t in time_grid_values(preset.num_steps, preset.timestep_shift)[:-1])
 
 
 def row_steps(preset: SamplerPreset, upto: int | None = None) -> int:

@@ -58,12 +58,19 @@ return {'queued', depth + 1, tostring(ahead + tonumber(ARGV[8]))}
 """
 
 END = """
--- KEYS: job hash, stream, work, inflight
--- ARGV: stream id, group, ttl s, job id, reply_to, key prefix, status fields (json), events channel
-local job, stream, work, inflight = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local sid, id, prefix = ARGV[1], ARGV[4], ARGV[6]
+-- KEYS: job hash, stream, work, inflight, result ('' : none)
+-- ARGV: stream id, group, ttl s, job id, reply_to, key prefix, status fields (json), events channel,
+--       png ('' : none), result meta (json)
+-- The PNG arrives once, stored under the result key and sent whole to each waiting API process
+-- (reply: "<job id>\\n<status json>\\n<png>"), so the API answers without reading it back.
+local job, stream, work, inflight, result = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sid, id, prefix, png = ARGV[1], ARGV[4], ARGV[6], ARGV[9]
 local status = {}
 for k, v in pairs(cjson.decode(ARGV[7])) do status[#status + 1] = k; status[#status + 1] = tostring(v) end
+if result ~= '' and png ~= '' then
+  redis.call('HSET', result, 'png', png, 'meta', ARGV[10])
+  redis.call('EXPIRE', result, ARGV[3])
+end
 redis.call('HSET', job, unpack(status))
 redis.call('EXPIRE', job, ARGV[3])
 if sid ~= '' then
@@ -76,7 +83,8 @@ if sid ~= '' then
   end
 end
 if redis.call('GET', inflight) == id then redis.call('DEL', inflight) end
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], id) end
+local tail = '\\n' .. ARGV[7] .. '\\n' .. png
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], id .. tail) end
 local ended = {[id] = cjson.decode(ARGV[7])['status']}
 local followers = prefix .. ':followers:' .. id
 for _, item in ipairs(redis.call('LRANGE', followers, 0, -1)) do
@@ -84,7 +92,7 @@ for _, item in ipairs(redis.call('LRANGE', followers, 0, -1)) do
   local fid, reply = string.sub(item, 1, sep - 1), string.sub(item, sep + 1)
   redis.call('HSET', prefix .. ':job:' .. fid, unpack(status))
   redis.call('EXPIRE', prefix .. ':job:' .. fid, ARGV[3])
-  if reply ~= '' then redis.call('PUBLISH', reply, fid) end
+  if reply ~= '' then redis.call('PUBLISH', reply, fid .. tail) end
   ended[fid] = ended[id]
 end
 redis.call('DEL', followers)

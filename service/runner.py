@@ -12,8 +12,9 @@ enqueues step k+1 while the device runs step k, and the host's per-step work
 it takes longer than a forward. The scheduler needs no result of step k to plan
 step k+1 (every sample's next time, and who finishes, are known on the host), and
 the latents are device tensors that later work on the same stream may use
-before they are computed. A decode hands images to the host, which waits for
-everything before it. In steady state a step's measured time is the device's
+before they are computed. A decode is enqueued the same way: its images reach host
+memory through a non-blocking copy, and the thread that stores them waits for
+them, not the loop. In steady state a step's measured time is the device's
 time per step, not the time to enqueue kernels. `run_ahead=0` waits at the end
 of every step.
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,10 +68,35 @@ class Runner:
             self._in_flight.popleft()()
 
     @torch.inference_mode()
-    def decode(self, latents: list[torch.Tensor]) -> tuple[np.ndarray, float]:
-        """uint8 images [N, H, W, 3] of finished samples, decoded as one batch."""
+    def decode_async(self, latents: list[torch.Tensor]) -> Decoded:
+        """Enqueue the decode of finished samples as one batch, and their finiteness check; returns at once.
+
+        The uint8 conversion runs on the device and the copy to host memory is non-blocking
+        (engines.base.Engine.decode_async), so the host goes on planning the next step while
+        the device decodes; whoever reads the images calls `wait()` first."""
         start = time.perf_counter()
-        z = self.stats.denormalize(torch.stack(latents).float())
-        images = self.engine.decode(z).numpy()  # on the host: everything enqueued before it has run
-        self._in_flight.clear()
-        return images, time.perf_counter() - start
+        z = torch.stack(latents).float()
+        if z.is_meta:  # shapes without data (tests/test_device_discipline.py): nothing to check
+            finite = torch.ones(len(latents), dtype=torch.bool)
+        else:
+            finite = self.engine.to_host_async(torch.isfinite(z).flatten(1).all(1))
+        images, wait = self.engine.decode_async(self.stats.denormalize(z))
+        return Decoded(images, finite, wait, time.perf_counter() - start)
+
+    def decode(self, latents: list[torch.Tensor]) -> tuple[np.ndarray, float]:
+        """uint8 images [N, H, W, 3] of finished samples, decoded as one batch, on the host."""
+        start = time.perf_counter()
+        decoded = self.decode_async(latents)
+        decoded.wait()
+        self._in_flight.clear()  # everything enqueued before the decode has run too
+        return decoded.images.numpy(), time.perf_counter() - start
+
+
+@dataclass
+class Decoded:
+    """A decode on its way to the host: read `images` and `finite` only after `wait()` returned."""
+
+    images: torch.Tensor  # uint8 [N, H, W, 3], host memory
+    finite: torch.Tensor  # bool [N]: the sample's latent held no NaN or inf
+    wait: Callable[[], None]
+    enqueue_s: float  # host time spent enqueueing

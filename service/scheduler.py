@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.sampling import initial_noise, time_grid
+from model.sampling import initial_noise, time_grid_values
 from service.jobs import Job
 
 
@@ -155,7 +155,7 @@ class Scheduler:
         return admitted
 
     def admit(self, job: Job) -> Sample:
-        grid = time_grid(job.preset.num_steps, job.preset.timestep_shift).tolist()
+        grid = list(time_grid_values(job.preset.num_steps, job.preset.timestep_shift))
         noise = initial_noise(job.seed, self.latent_shape).to(self.device, non_blocking=True)
         sample = Sample(job, noise, grid, next(self._seq))
         self.active.append(sample)

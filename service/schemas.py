@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, WithJsonSchema
 
 from model.bundle import BundleSpec
 from model.classes import DIGITS, UnknownClass
-from model.sampling import SamplerPreset, time_grid
+from model.sampling import SamplerPreset, time_grid_values
 
 MAX_SEED = 2**63
 DIGITS_PATTERN = "^[0-9]{1,19}$"
@@ -185,11 +184,11 @@ def check_time_grid(preset: SamplerPreset) -> None:
     if 0 < shift < MIN_TIMESTEP_SHIFT:
         raise FieldError("timestep_shift", f"timestep_shift {shift:g} is too small: use 0 (no shift) or at least "
                                            f"{MIN_TIMESTEP_SHIFT} (smaller shifts lose the grid's end to float32 rounding)")
-    grid = time_grid(preset.num_steps, shift)
-    if not (bool(torch.isfinite(grid).all()) and grid[0].item() == 0.0 and grid[-1].item() == 1.0
-            and bool((grid[1:] >= grid[:-1]).all())):
+    grid = time_grid_values(preset.num_steps, shift)
+    if not (all(map(math.isfinite, grid)) and grid[0] == 0.0 and grid[-1] == 1.0
+            and all(b >= a for a, b in zip(grid, grid[1:], strict=False))):
         raise FieldError("timestep_shift", f"timestep_shift {shift:g} with {preset.num_steps} steps gives no "
-                                           f"time grid from 0 to 1 (it ends at {grid[-1].item():g})")
+                                           f"time grid from 0 to 1 (it ends at {grid[-1]:g})")
 
 
 class JobAccepted(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # engines imports torch; the settings stay light to import
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # engines imports torch; the settings stay light to import
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "checkpoints" / "demo"
+PNG_MAX_LEVEL = {"isal": 3, "libdeflate": 12, "zlib": 9}
 
 
 class Settings(BaseSettings):
@@ -128,7 +129,15 @@ class Settings(BaseSettings):
     # --- worker ------------------------------------------------------------------
     worker_name: str | None = Field(None, description="Consumer name in the group; default host-pid.")
     png_threads: int = Field(2, ge=1, description="Threads that encode PNGs off the compute thread.")
-    png_compress_level: int = Field(6, ge=0, le=9, description="zlib level of the PNGs.")
+    png_encoder: Literal["isal", "libdeflate", "zlib"] = Field(
+        "isal", description="Deflate library of the PNG writer (service/png.py; bench/png_formats.py measures them)."
+    )
+    png_compress_level: int = Field(
+        1, ge=0, le=12, description="Compression level of png_encoder (isal 0-3, libdeflate 0-12, zlib 0-9)."
+    )
+    png_filter: Literal["none", "sub", "up", "average", "paeth"] = Field(
+        "up", description="PNG row filter, one for every row of an image."
+    )
     metrics_port: int = Field(
         9400, ge=0, le=65535, description="Prometheus port of a standalone worker (0: off; all-in-one mode serves /metrics)."
     )
@@ -162,6 +171,13 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log level.")
     log_format: Literal["json", "text"] = Field("json", description="json: one object a line.")
+
+    @model_validator(mode="after")
+    def _png_level_in_range(self) -> Settings:
+        top = PNG_MAX_LEVEL[self.png_encoder]
+        if self.png_compress_level > top:
+            raise ValueError(f"png_compress_level {self.png_compress_level} is past {self.png_encoder}'s levels 0-{top}")
+        return self
 
     @property
     def profile_opt_rows(self) -> int:

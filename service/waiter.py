@@ -1,6 +1,8 @@
 """Wakes waiting HTTP requests when their job ends: one pub/sub connection per API process.
 
-Workers publish a job id on the channel named in the job (`reply_to`). A
+Workers publish a job's end on the channel named in the job (`reply_to`): its id, its
+status fields and, for a finished job, the PNG itself, so the request answers without
+reading the result back from Redis (service/queue.py's END script). A
 single listener task resolves the matching future, so no request polls and no
 request holds a Redis connection while it waits. If the subscription drops
 (Redis restarted), the listener reconnects and checks every waiting job's status
@@ -10,8 +12,10 @@ once, so a notification lost in between costs no request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -19,6 +23,14 @@ from service.jobs import Keys
 from service.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A job's end as its worker sent it: the status fields, and the PNG of a finished job."""
+
+    status: dict
+    png: bytes | None
 
 
 class ResultWaiter:
@@ -50,18 +62,25 @@ class ResultWaiter:
     def forget(self, job_id: str) -> None:
         self._futures.pop(job_id, None)
 
-    def _wake(self, job_id: str) -> None:
+    def _wake(self, job_id: str, reply: Reply | None = None) -> None:
         fut = self._futures.pop(job_id, None)
         if fut is not None and not fut.done():
-            fut.set_result(job_id)
+            fut.set_result(reply)
+
+    def _on_message(self, data: bytes | str) -> None:
+        data = data if isinstance(data, bytes) else data.encode()
+        job_id, sep, rest = data.partition(b"\n")
+        if not sep:  # a bare id: the waiter reads the job's end from Redis
+            return self._wake(job_id.decode())
+        status, _, png = rest.partition(b"\n")
+        self._wake(job_id.decode(), Reply(json.loads(status), png or None))
 
     async def _listen(self) -> None:
         async def subscribed() -> None:
             self._subscribed.set()
             await self._recheck()
 
-        await subscribe_forever(self.r, self.channel,
-                                lambda data: self._wake(data.decode() if isinstance(data, bytes) else data), subscribed)
+        await subscribe_forever(self.r, self.channel, self._on_message, subscribed)
 
     async def _recheck(self) -> None:
         """After (re)subscribing: wake every waiter whose job already ended."""

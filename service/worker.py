@@ -1,11 +1,14 @@
 """The worker: Redis Stream in, PNGs out, one scheduler step at a time.
 
 Loop: reclaim jobs of silent workers -> read new jobs -> drop expired ones ->
-admit into free rows -> one forward for all active samples -> decode the
-finished ones in a batch (they may wait up to `max_decode_delay_ms` for
-companions while others are denoising: service.scheduler.DecodeQueue) -> PNG
-encoding, result storage, XACK and the wake-up message run in a thread pool, so
-the accelerator never waits on zlib or Redis.
+admit into free rows -> one forward for all active samples -> enqueue the
+decode of the finished ones in a batch (they may wait up to `max_decode_delay_ms`
+for companions while others are denoising: service.scheduler.DecodeQueue). The
+loop only plans, steps and hands off: a thread pool waits for the decoded uint8
+pixels to reach the host, encodes the PNGs (service/png.py: about 0.7 ms an
+image, compressing without the GIL) and stores each result with one script call
+that also acknowledges the job and sends the PNG to the waiting API process, so
+the accelerator never waits on the host, on deflate or on Redis.
 
 Two streams: interactive requests, and the jobs of sample sets (POST /batches),
 which a worker reads only when the interactive stream has nothing for it and
@@ -29,7 +32,6 @@ the work ahead will take.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -41,14 +43,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import redis
-import torch
-from PIL import Image
 
 from model.sampling import SamplerPreset
 from service import batches, metrics, queue
 from service.capacity import TickModel, row_steps
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
+from service.png import encode as encode_png
+from service.runner import Decoded
 from service.scheduler import DecodeQueue, Sample, Scheduler
 from service.settings import Settings
 
@@ -62,20 +64,6 @@ RECONCILE_MAX_ENTRIES = 10000  # recount the queue's work only while the stream 
 
 def default_worker_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def encode_png(image: np.ndarray, level: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=level)
-    return buf.getvalue()
-
-
-def non_finite(latents: list[torch.Tensor]) -> list[bool]:
-    """Which finished latents hold NaN or inf: one small device-to-host read per finished batch."""
-    stacked = torch.stack(latents)
-    if stacked.is_meta:  # shapes without data (tests/test_device_discipline.py): nothing to read
-        return [False] * len(latents)
-    return (~torch.isfinite(stacked).flatten(1).all(1)).tolist()
 
 
 def ensure_group(r: redis.Redis, keys: Keys) -> None:
@@ -411,24 +399,43 @@ class Worker:
             self._finish(batch)
 
     def _finish(self, samples: list[Sample]) -> None:
-        broken = set(i for i, bad in enumerate(non_finite([s.x for s in samples])) if bad)
-        for i in broken:  # a black image must never be stored (and cached) as a result
-            self._fail(samples[i].job, "non_finite", "the sampler produced non-finite values; no image was stored")
-        samples = [s for i, s in enumerate(samples) if i not in broken]
-        if not samples:
-            return
+        """Enqueue the decode of finished samples and hand them to the store pool: the loop never waits
+        for the images to reach the host, nor for encoding or Redis."""
         try:
-            images, seconds = self.runner.decode([s.x for s in samples])
+            decoded = self.runner.decode_async([s.x for s in samples])
         except Exception:  # noqa: BLE001
             log.exception("decode failed; %d jobs left for redelivery", len(samples))
             return
         with self._lock:
-            self._busy_s += seconds
+            self._busy_s += decoded.enqueue_s
+            self.finishing.update((s.job.id, s.job) for s in samples)
         metrics.DECODE_BATCH.observe(len(samples))
-        for sample, image in zip(samples, images, strict=True):
+        self.pool.submit(self._store_decoded, samples, decoded, self.version)
+
+    def _store_decoded(self, samples: list[Sample], decoded: Decoded, version: str) -> None:
+        """In a pool thread: wait until the decode reached the host, then file each image or its failure."""
+        start = time.perf_counter()
+        try:
+            decoded.wait()
+            images, finite = decoded.images.numpy(), decoded.finite.tolist()
+        except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo them
+            log.exception("decode failed; %d jobs left for redelivery", len(samples))
             with self._lock:
-                self.finishing[sample.job.id] = sample.job
-            self.pool.submit(self._store, sample, image, seconds, self.version)
+                for s in samples:
+                    self.finishing.pop(s.job.id, None)
+            return
+        decode_s = decoded.enqueue_s + time.perf_counter() - start
+        for sample, image, ok in zip(samples, images, finite, strict=True):
+            if ok:
+                self._store(sample, image, decode_s, version)
+                continue
+            try:  # a black image must never be stored (and cached) as a result
+                self._fail(sample.job, "non_finite", "the sampler produced non-finite values; no image was stored")
+            except Exception:  # noqa: BLE001
+                log.exception("recording the failure of job %s failed", sample.job.id)
+            finally:
+                with self._lock:
+                    self.finishing.pop(sample.job.id, None)
 
     def _store(self, sample: Sample, image: np.ndarray, decode_s: float, version: str) -> None:
         if sample.job.batch:
@@ -438,7 +445,7 @@ class Worker:
         # API may have keyed the request with a version this worker had not switched to yet.
         key = result_key(version, job.class_id, job.seed, job.preset)
         try:
-            png = encode_png(image, self.s.png_compress_level)
+            png = encode_png(image, self.s.png_compress_level, self.s.png_filter, self.s.png_encoder)
             compute_s = sample.compute_s + decode_s
             meta = ResultMeta(
                 queue_ms=round(max(0.0, sample.admitted_at - job.enqueued_at) * 1000, 3),
@@ -447,13 +454,7 @@ class Worker:
                 model_version=version,
                 worker=self.name,
             )
-            result = self.keys.result(key)
-
-            def store(pipe):
-                pipe.hset(result, mapping={"png": png, "meta": meta.to_json()})
-                pipe.expire(result, self.s.result_ttl_s)
-
-            self._end(job, {"status": "done", "key": key, "meta": meta.to_json()}, store)
+            self._end(job, {"status": "done", "key": key, "meta": meta.to_json()}, (self.keys.result(key), png))
             with self._lock:
                 self._images += 1
             metrics.IMAGES.inc()
@@ -503,38 +504,43 @@ class Worker:
 
         self._transaction(commands)
 
-    def _transaction(self, commands, attempts: int = 20) -> None:
+    def _transaction(self, commands) -> None:
         """Run `commands(pipe)` in one MULTI/EXEC, riding out a short Redis restart.
 
         The commands are idempotent, and a failed EXEC leaves nothing half-applied.
         """
+
+        def run():
+            pipe = self.r.pipeline(transaction=True)
+            commands(pipe)
+            pipe.execute()
+
+        self._retrying(run)
+
+    @staticmethod
+    def _retrying(call, attempts: int = 20) -> None:
+        """`call()`, again after a lost connection (with backoff) until `attempts` are spent."""
         for attempt in range(attempts):
             try:
-                pipe = self.r.pipeline(transaction=True)
-                commands(pipe)
-                pipe.execute()
+                call()
                 return
             except (redis.ConnectionError, redis.TimeoutError):
                 if attempt == attempts - 1:
                     raise
                 time.sleep(min(0.1 * 2**attempt, 1.0))
 
-    def _end(self, job: Job, status: dict, extra=None) -> None:
-        """Record a job's end (and its followers'), acknowledge and delete its entry, release its work,
-        wake its waiters: one transaction."""
+    def _end(self, job: Job, status: dict, result: tuple[str, bytes] | None = None) -> None:
+        """Record a job's end (and its followers'), store its `result` (key, PNG), acknowledge and delete
+        its entry, release its work, wake its waiters with the result: one script call."""
         if job.batch:
             return self._record(job, status["status"])
+        result_key_, png = result or ("", b"")
 
-        def commands(pipe):
-            if extra is not None:
-                extra(pipe)
-            self._end_script(
-                keys=[self.keys.job(job.id), self.keys.stream, self.keys.work, self.keys.inflight(job.key)],
-                args=[job.stream_id, GROUP, self.s.result_ttl_s, job.id, job.reply_to, self.keys.prefix,
-                      queue.as_json(status), self.keys.events],
-                client=pipe)
-
-        self._transaction(commands)
+        # One script is atomic by itself: no MULTI/EXEC around it (nor the SCRIPT EXISTS a pipeline adds).
+        self._retrying(lambda: self._end_script(
+            keys=[self.keys.job(job.id), self.keys.stream, self.keys.work, self.keys.inflight(job.key), result_key_],
+            args=[job.stream_id, GROUP, self.s.result_ttl_s, job.id, job.reply_to, self.keys.prefix,
+                  queue.as_json(status), self.keys.events, png, status.get("meta", "")]))
 
     # -- endings other than success ------------------------------------------------------
     def _fail(self, job: Job, reason: str, message: str) -> None:

@@ -78,6 +78,9 @@ class GatedRunner:
     def decode(self, latents):
         return self.runner.decode(latents)
 
+    def decode_async(self, latents):
+        return self.runner.decode_async(latents)
+
 
 def poll(fn, timeout: float, every: float = 0.1):
     end = time.time() + timeout
@@ -199,6 +202,9 @@ class NaNRunner:
 
     def decode(self, latents):
         return self.runner.decode(latents)
+
+    def decode_async(self, latents):
+        return self.runner.decode_async(latents)
 
 
 def test_a_non_finite_result_is_never_stored(fresh, bundle_dir):
