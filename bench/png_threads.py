@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from engines.simulated import crop_pool, photo_paths  # noqa: E402
 from bench.png_formats import pillow_png as encode_png  # noqa: E402
+from engines.simulated import crop_pool, photo_paths  # noqa: E402
 
 
 def encode_all(images, level: int) -> None:
