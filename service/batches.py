@@ -23,6 +23,7 @@ fails with ENOSPC or EIO stops the set with that reason; other sets are not touc
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
@@ -111,14 +112,14 @@ end
 return 1
 """
 
-# KEYS: batch hash, done bitmap, lease, batches zset. ARGV: id, owner. Returns the set's volume, or false
+# KEYS: batch hash, done bitmap, lease, batches zset. ARGV: id, owner. Returns {volume, bytes}, or false
 # (no such set, or another key's). The held bytes stay until its file is removed.
 DELETE_LUA = """
-local f = redis.call('HMGET', KEYS[1], 'total', 'owner', 'volume')
+local f = redis.call('HMGET', KEYS[1], 'total', 'owner', 'volume', 'bytes')
 if not f[1] or (f[2] or '') ~= ARGV[2] then return false end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
-return f[3] or 'default'
+return {f[3] or 'default', f[4] or '0'}
 """
 
 
@@ -235,20 +236,18 @@ async def delete(r: aioredis.Redis, keys: Keys, batch_id: str, owner: str,
     stops), then its queued jobs, then its file. None: no such set (or another key's).
 
     A crash after the records went leaves a file the sweeper removes."""
-    volume = await r.register_script(DELETE_LUA)(
+    found = await r.register_script(DELETE_LUA)(
         keys=[keys.batch(batch_id), keys.batch_done(batch_id), keys.batch_lease(batch_id), keys.batches],
         args=[batch_id, owner])
-    if volume is None:
+    if found is None:
         return None
+    volume, nbytes = found[0].decode(), int(found[1])
     dropped = await drop_queued(r, keys, batch_id)
-    volume_dir = volumes.get(volume.decode())
+    volume_dir = volumes.get(volume)
     removed = volume_dir is not None and await asyncio.to_thread(batch_disk.remove_set, volume_dir, batch_id)
-    freed = 0
-    if removed:
-        raw = await r.hget(keys.batch_held, batch_id)
-        freed = int(json.loads(raw)["bytes"]) if raw else 0
+    if removed:  # else (a volume this process lacks) the sweeper of a process that has it removes the file
         await r.hdel(keys.batch_held, batch_id)
-    return {"id": batch_id, "status": "deleted", "dropped_jobs": dropped, "freed_bytes": freed}
+    return {"id": batch_id, "status": "deleted", "dropped_jobs": dropped, "freed_bytes": nbytes if removed else 0}
 
 
 async def drop_queued(r: aioredis.Redis, keys: Keys, batch_id: str, chunk: int = 1000) -> int:
@@ -393,7 +392,12 @@ def write_image(batch_dir: Path, job: Job, image: np.ndarray) -> None:
     try:
         if os.fstat(fd).st_size < (job.index + 1) * len(data):
             raise ValueError(f"{path} is too small for image {job.index} of {image.shape}")
-        os.pwrite(fd, data, job.index * len(data))
+        view, offset = memoryview(data), job.index * len(data)
+        while view:  # a filling disk may take part of a write: the rest then fails with ENOSPC
+            n = os.pwrite(fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing at {offset} of {path}")
+            view, offset = view[n:], offset + n
         os.fdatasync(fd)
     finally:
         os.close(fd)

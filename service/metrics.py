@@ -61,6 +61,10 @@ BATCH_WRITE_ERRORS = Counter(
     "ldit_batch_write_errors", "Sample-set images whose write failed with a disk error, stopping their set; by "
     "reason (disk_full, io_error, no_volume).", ["reason"],
 )
+BATCH_SAMPLES_DROPPED = Counter(
+    "ldit_batch_samples_dropped", "Sample-set jobs a worker dropped, queued or mid-sampling, because their set was "
+    "deleted, expired or stopped.",
+)
 BATCH_BYTES = Gauge(
     "ldit_batch_bytes", "Bytes held by sample sets (each file's full size, until the file is removed), all volumes."
 )

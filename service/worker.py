@@ -374,6 +374,7 @@ class Worker:
         jobs += [s.job for s in self.scheduler.drop(lambda s: s.job.batch in gone)]
         jobs += [s.job for s in self.decodes.drop(lambda s: s.job.batch in gone)]
         batches.acknowledge(self.r, jobs)
+        metrics.BATCH_SAMPLES_DROPPED.inc(len(jobs))
         log.info("dropped samples of stopped sets", extra={"count": len(jobs), "sets": sorted(gone)})
 
     def _on_admit(self, samples: list[Sample], mid_flight: bool) -> None:
