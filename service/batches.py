@@ -217,10 +217,8 @@ async def create(r: aioredis.Redis, keys: Keys, spec: BatchSpec, batch_dir: Path
         await forget(r, keys, spec.id)
         await asyncio.to_thread(batch_disk.remove_set, batch_dir, spec.id)
         await r.hdel(keys.batch_held, spec.id)
-        if batch_disk.disk_error(err):
-            raise NoRoom("volume", spec.nbytes, 0, f"the set's file could not be made on volume "
-                                                   f"{spec.volume!r}: {err.strerror}") from err
-        raise
+        raise NoRoom("volume", spec.nbytes, 0, f"the set's file could not be made on volume "
+                                               f"{spec.volume!r}: {err.strerror or err}") from err
 
 
 async def forget(r: aioredis.Redis, keys: Keys, batch_id: str) -> None:

@@ -131,7 +131,7 @@ class Settings(BaseSettings):
     )
     batch_ttl_s: int = Field(
         7 * 24 * 3600, ge=1, description="A sample set's file and records are removed this long after it completes "
-        "or fails (a set still running after it is stopped: its images time out).",
+        "or fails. Its images time out this long after it was made, so a set no worker finishes goes after twice this.",
     )
     batch_sweep_interval_s: float = Field(
         60.0, gt=0, description="How often an API process (one at a time, under a lease) removes the files of "

@@ -33,10 +33,10 @@ SHORT_TTL_S = 4  # LDIT_BATCH_TTL_S of the second API
 KEYS = Keys()
 
 PWRITE_WRAPPER = '''
-# Test hook (tests/test_batch_lifecycle.py): pwrite into a file under $LDIT_TEST_FULL_DIR fails with
-# ENOSPC once $LDIT_TEST_FULL_DIR/FULL exists, as on a volume that has just filled up.
+# Test hook (tests/test_batch_lifecycle.py): pwrite into a file under $TEST_ENOSPC_DIR fails with
+# ENOSPC once $TEST_ENOSPC_DIR/FULL exists, as on a volume that has just filled up.
 import errno, os
-_dir = os.path.realpath(os.environ.get("LDIT_TEST_FULL_DIR", "/nonexistent"))
+_dir = os.path.realpath(os.environ.get("TEST_ENOSPC_DIR", "/nonexistent"))
 _pwrite = os.pwrite
 def _full_pwrite(fd, data, offset):
     if os.path.exists(os.path.join(_dir, "FULL")) and os.readlink(f"/proc/self/fd/{fd}").startswith(_dir + "/"):
@@ -79,7 +79,7 @@ def stack(tmp_path_factory):
     procs = {}
     try:
         procs["worker"] = start_service("worker", {**env, "LDIT_WORKER_NAME": "w1", "PYTHONPATH": pythonpath,
-                                                   "LDIT_TEST_FULL_DIR": str(dirs["flaky"]),
+                                                   "TEST_ENOSPC_DIR": str(dirs["flaky"]),
                                                    "LDIT_METRICS_PORT": str(metrics_port)})
         procs["api"] = start_service("api", env)
         procs["keyed"] = start_service("api", {**env, "LDIT_API_KEYS_FILE": str(keys_file),
