@@ -20,7 +20,7 @@ from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import batches, metrics
+from service import batch_upkeep, batches, metrics
 from service.access_log import AccessLog
 from service.admission import Admission, Verdict
 from service.auth import AuthError, DocsGuard, Guard
@@ -115,6 +115,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         await app.state.waiter.start()
         await app.state.events.start()
         background(app, batches.resume_all(app.state.redis, keys, settings.batch_ttl_s))
+        background(app, batch_upkeep.run(app.state.redis, keys, settings))
         yield
         for task in list(app.state.tasks):
             task.cancel()
@@ -130,7 +131,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.header_timeout_s)
     if settings.cors_origins.strip():
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
-                           allow_methods=["GET", "POST"], allow_headers=["*"])
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])
     if settings.protect_docs:
         app.add_middleware(DocsGuard, guard=auth)
     app.add_middleware(AccessLog, route_of=lambda scope: route_of(app, scope))
@@ -336,7 +337,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=fields.get("cache") == "hit")
 
     add_event_routes(app, settings, keys, guard, job_record)
-    add_batch_routes(app, settings, keys, model, guard)
+    add_batch_routes(app, settings, keys, model, guard, auth.owner)
 
     @app.get("/", include_in_schema=False)
     async def playground():
@@ -367,6 +368,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     async def prometheus(request: Request):
         try:
             metrics.PENDING_REQUESTS.set(await request.app.state.redis.xlen(keys.stream))
+            await batch_upkeep.observe(request.app.state.redis, keys)
         except Exception:  # noqa: BLE001 - still serve the other metrics
             pass
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,7 @@ allowed), so the file (a Kubernetes Secret, say) never holds a usable key.
 Make a line with `printf %s "$KEY" | sha256sum`. Clients send
 `Authorization: Bearer <key>`. The rate limit is a fixed one-minute window per
 key (per client address when no keys are configured), shared by every API replica.
-With keys on, a job belongs to the key that submitted it: its status and image
+With keys on, a job (and a sample set) belongs to the key that submitted it: its status and image
 answer 404 to any other key. `/metrics` and the API docs can require a key too
 (`protect_metrics`, `protect_docs`).
 """

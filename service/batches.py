@@ -10,11 +10,20 @@ finished image at its offset in the file, then, in one Lua call, sets its bit, c
 once (a redelivered job does not count twice) and acknowledges the job. Workers crash, API
 processes restart: the set goes on, and nothing finished is lost (it is on disk, counted in
 Redis). Downloads stream the file (`.npz`) or PNGs encoded from it (`.tar`) chunk by chunk.
+
+Cleaning up: a set reserves its full size in `<p>:batches:held` (checked against the budget,
+atomically with its record) before its file exists, and keeps it until the file is removed.
+Its records expire `ttl_s` after it completes or fails (2 x `ttl_s` after creation while
+it runs, a bound for a set no worker finishes), and the sweeper (service/batch_sweeper.py)
+removes files whose records are gone. DELETE removes the records first, then its queued
+jobs and its file; workers drop the samples of a set that is gone or stopped. A write that
+fails with ENOSPC or EIO stops the set with that reason; other sets are not touched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
@@ -32,7 +41,8 @@ from PIL import Image
 
 from model.sample_sets import ChunkSink, npz_chunks, raw_chunks, sample_index
 from model.sampling import SamplerPreset
-from service.jobs import Job, Keys, result_key
+from service import batch_disk
+from service.jobs import GROUP, Job, Keys, result_key
 
 log = logging.getLogger("ldit.batches")
 
@@ -52,15 +62,73 @@ if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('SETBIT', KEYS[2], ARGV[1],
   end
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-  local h = redis.call('HMGET', KEYS[1], 'done', 'failed', 'total')
-  if tonumber(h[1] or 0) + tonumber(h[2] or 0) >= tonumber(h[3]) then
+  local h = redis.call('HMGET', KEYS[1], 'done', 'failed', 'total', 'ttl_s', 'status')
+  if tonumber(h[1] or 0) + tonumber(h[2] or 0) >= tonumber(h[3]) and h[5] == 'running' then
     redis.call('HSET', KEYS[1], 'status', tonumber(h[2] or 0) > 0 and 'failed' or 'done', 'finished_at', ARGV[4])
+    if h[4] then  -- its records (and so its file) go ttl_s after it completes
+      redis.call('EXPIRE', KEYS[1], h[4])
+      redis.call('EXPIRE', KEYS[2], h[4])
+    end
   end
 end
 redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
 redis.call('XDEL', KEYS[3], ARGV[3])
 return counted
 """
+
+# KEYS: held, batch hash, batches zset. ARGV: id, bytes, volume, max bytes (0: none), expire s, created at,
+# the hash's fields as a JSON list. Returns {1, held before} or {0, held} when the budget has no room.
+CREATE_LUA = """
+local held = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do held = held + cjson.decode(v)['bytes'] end
+local need, most = tonumber(ARGV[2]), tonumber(ARGV[4])
+if most > 0 and held + need > most then return {0, held} end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({bytes = need, volume = ARGV[3]}))
+redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[7])))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+return {1, held}
+"""
+
+# KEYS: stream, batch hash, lease. ARGV: lease owner, lease ms, enqueued after, then one JSON list of
+# fields per job. Appends only while the lease is ours and the set exists: a deleted set gets no more jobs.
+APPEND_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+for i = 4, #ARGV do redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[i]))) end
+redis.call('HSET', KEYS[2], 'enqueued', ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+
+# KEYS: batch hash, done bitmap. ARGV: error, message, now. Stops a running set: workers drop its samples.
+STOP_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'message', ARGV[2], 'finished_at', ARGV[3])
+local ttl = redis.call('HGET', KEYS[1], 'ttl_s')
+if ttl then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+# KEYS: batch hash, done bitmap, lease, batches zset. ARGV: id, owner. Returns {volume, bytes}, or false
+# (no such set, or another key's). The held bytes stay until its file is removed.
+DELETE_LUA = """
+local f = redis.call('HMGET', KEYS[1], 'total', 'owner', 'volume', 'bytes')
+if not f[1] or (f[2] or '') ~= ARGV[2] then return false end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return {f[3] or 'default', f[4] or '0'}
+"""
+
+
+class NoRoom(Exception):
+    """A set that does not fit: in the budget (`what` = "budget") or on its volume ("volume")."""
+
+    def __init__(self, what: str, need: int, left: int, message: str):
+        super().__init__(message)
+        self.what, self.need, self.left = what, need, left
 
 
 @dataclass
@@ -74,23 +142,31 @@ class BatchSpec:
     shape: tuple[int, int, int]  # one image: H, W, 3
     model_version: str
     created_at: float
+    volume: str = "default"  # which of LDIT_BATCH_VOLUMES holds its file
+    owner: str = ""  # the API key that made it (service/auth.py); "" with keys off
 
     @property
     def total(self) -> int:
         return len(self.classes) * self.per_class
 
+    @property
+    def nbytes(self) -> int:
+        return self.total * int(np.prod(self.shape))
+
     def to_fields(self) -> dict[str, str]:
         return {"classes": json.dumps(self.classes), "per_class": str(self.per_class),
                 "seed_start": str(self.seed_start), "preset_name": self.preset_name,
                 "preset": json.dumps(self.preset.to_dict()), "shape": json.dumps(list(self.shape)),
-                "model_version": self.model_version, "created_at": repr(self.created_at), "total": str(self.total)}
+                "model_version": self.model_version, "created_at": repr(self.created_at), "total": str(self.total),
+                "volume": self.volume, "owner": self.owner, "bytes": str(self.nbytes)}
 
     @classmethod
     def from_fields(cls, batch_id: str, f: dict[str, str]) -> BatchSpec:
         return cls(id=batch_id, classes=json.loads(f["classes"]), per_class=int(f["per_class"]),
                    seed_start=int(f["seed_start"]), preset_name=f["preset_name"],
                    preset=SamplerPreset(**json.loads(f["preset"])), shape=tuple(json.loads(f["shape"])),
-                   model_version=f["model_version"], created_at=float(f["created_at"]))
+                   model_version=f["model_version"], created_at=float(f["created_at"]),
+                   volume=f.get("volume", "default"), owner=f.get("owner", ""))
 
     def job(self, index: int, deadline: float) -> Job:
         cls, seed = self.classes[index // self.per_class], self.seed_start + index % self.per_class
@@ -101,8 +177,7 @@ class BatchSpec:
         return sample_index(self.classes, self.per_class, self.seed_start)
 
 
-def images_file(batch_dir: Path, batch_id: str) -> Path:
-    return Path(batch_dir) / batch_id / "images.u8"
+images_file = batch_disk.images_file
 
 
 def new_batch_id() -> str:
@@ -110,53 +185,114 @@ def new_batch_id() -> str:
 
 
 # -- API side ------------------------------------------------------------------------------
-async def create(r: aioredis.Redis, keys: Keys, spec: BatchSpec, batch_dir: Path, ttl_s: int) -> None:
-    """Make the set's file (sparse, full size) and its record; the jobs follow (`append_jobs`)."""
-    path = images_file(batch_dir, spec.id)
-    nbytes = spec.total * int(np.prod(spec.shape))
+async def held(r: aioredis.Redis, keys: Keys) -> dict[str, tuple[int, str]]:
+    """Every set file on disk or reserved: id -> (bytes, volume)."""
+    out = {}
+    for k, v in (await r.hgetall(keys.batch_held)).items():
+        d = json.loads(v)
+        out[k.decode()] = (int(d["bytes"]), d["volume"])
+    return out
 
-    def make_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
 
-    await asyncio.to_thread(make_file)
+async def create(r: aioredis.Redis, keys: Keys, spec: BatchSpec, batch_dir: Path, ttl_s: int,
+                 max_bytes: int = 0) -> None:
+    """Reserve the set's bytes and record it (one atomic step), then make its file on `batch_dir`
+    (its volume); the jobs follow (`append_jobs`). NoRoom when the budget or the volume cannot hold it."""
+    fields = {**spec.to_fields(), "status": "running", "done": "0", "failed": "0", "enqueued": "0",
+              "ttl_s": str(ttl_s)}
+    flat = [x for kv in fields.items() for x in kv]
+    script = r.register_script(CREATE_LUA)
+    ok, before = await script(keys=[keys.batch_held, keys.batch(spec.id), keys.batches],
+                              args=[spec.id, spec.nbytes, spec.volume, max_bytes, 2 * ttl_s, spec.created_at,
+                                    json.dumps(flat)])
+    if not ok:
+        left = max(0, max_bytes - int(before))
+        raise NoRoom("budget", spec.nbytes, left,
+                     f"this set needs {spec.nbytes:,} bytes; the sample sets' budget (LDIT_BATCH_MAX_BYTES) is "
+                     f"{max_bytes:,} bytes, of which {int(before):,} are held: room for {left:,}. Delete finished "
+                     f"sets (DELETE /batches/{{id}}) or ask for fewer images")
+    try:
+        await asyncio.to_thread(batch_disk.make_file, batch_dir, spec.id, spec.nbytes)
+    except OSError as err:  # the record must not outlive a file that was never made
+        await forget(r, keys, spec.id)
+        await asyncio.to_thread(batch_disk.remove_set, batch_dir, spec.id)
+        await r.hdel(keys.batch_held, spec.id)
+        raise NoRoom("volume", spec.nbytes, 0, f"the set's file could not be made on volume "
+                                               f"{spec.volume!r}: {err.strerror or err}") from err
+
+
+async def forget(r: aioredis.Redis, keys: Keys, batch_id: str) -> None:
     pipe = r.pipeline(transaction=True)
-    pipe.hset(keys.batch(spec.id), mapping={**spec.to_fields(), "status": "running", "done": 0, "failed": 0,
-                                            "enqueued": 0})
-    pipe.expire(keys.batch(spec.id), ttl_s)
-    pipe.zadd(keys.batches, {spec.id: spec.created_at})
+    pipe.delete(keys.batch(batch_id), keys.batch_done(batch_id), keys.batch_lease(batch_id))
+    pipe.zrem(keys.batches, batch_id)
     await pipe.execute()
+
+
+async def delete(r: aioredis.Redis, keys: Keys, batch_id: str, owner: str,
+                 volumes: dict[str, Path]) -> dict | None:
+    """Cancel and remove a set: records first (workers drop its samples from then on, its appender
+    stops), then its queued jobs, then its file. None: no such set (or another key's).
+
+    A crash after the records went leaves a file the sweeper removes."""
+    found = await r.register_script(DELETE_LUA)(
+        keys=[keys.batch(batch_id), keys.batch_done(batch_id), keys.batch_lease(batch_id), keys.batches],
+        args=[batch_id, owner])
+    if found is None:
+        return None
+    volume, nbytes = found[0].decode(), int(found[1])
+    dropped = await drop_queued(r, keys, batch_id)
+    volume_dir = volumes.get(volume)
+    removed = volume_dir is not None and await asyncio.to_thread(batch_disk.remove_set, volume_dir, batch_id)
+    if removed:  # else (a volume this process lacks) the sweeper of a process that has it removes the file
+        await r.hdel(keys.batch_held, batch_id)
+    return {"id": batch_id, "status": "deleted", "dropped_jobs": dropped, "freed_bytes": nbytes if removed else 0}
+
+
+async def drop_queued(r: aioredis.Redis, keys: Keys, batch_id: str, chunk: int = 1000) -> int:
+    """Delete (and acknowledge) every entry of the set still in the low-priority stream."""
+    dropped, start = 0, "-"
+    while True:
+        entries = await r.xrange(keys.batch_stream, min=start, max="+", count=chunk)
+        if not entries:
+            return dropped
+        mine = [eid for eid, f in entries if f.get(b"batch") == batch_id.encode()]
+        if mine:
+            pipe = r.pipeline(transaction=True)
+            pipe.xack(keys.batch_stream, GROUP, *mine)
+            pipe.xdel(keys.batch_stream, *mine)
+            await pipe.execute()
+            dropped += len(mine)
+        if len(entries) < chunk:
+            return dropped
+        start = "(" + entries[-1][0].decode()
 
 
 async def append_jobs(r: aioredis.Redis, keys: Keys, batch_id: str, ttl_s: int) -> bool:
     """Append the set's remaining jobs to the low-priority stream, under a lease.
 
-    Returns False when another process holds the lease (it is appending them). Resumable:
-    `enqueued` advances with each chunk in the same transaction as its entries.
+    Returns False when another process holds the lease (it is appending them), or the set was
+    deleted meanwhile. Resumable: `enqueued` advances with each chunk in the same script as its entries.
     """
     owner = uuid.uuid4().hex
     lease = keys.batch_lease(batch_id)
     if not await r.set(lease, owner, nx=True, px=LEASE_MS):
         return False
+    script = r.register_script(APPEND_LUA)
     try:
         fields = {k.decode(): v.decode() for k, v in (await r.hgetall(keys.batch(batch_id))).items()}
         if not fields:
             return True
         spec = BatchSpec.from_fields(batch_id, fields)
-        deadline = spec.created_at + ttl_s
+        deadline = spec.created_at + int(fields.get("ttl_s", ttl_s))
         start = int(fields.get("enqueued", 0))
         while start < spec.total:
-            if await r.get(lease) != owner.encode():
-                log.warning("lost the lease of batch %s at %d", batch_id, start)
-                return False
             end = min(spec.total, start + ENQUEUE_CHUNK)
-            pipe = r.pipeline(transaction=True)
-            for index in range(start, end):
-                pipe.xadd(keys.batch_stream, spec.job(index, deadline).to_fields())
-            pipe.hset(keys.batch(batch_id), "enqueued", end)
-            pipe.pexpire(lease, LEASE_MS)
-            await pipe.execute()
+            jobs = [json.dumps([x for kv in spec.job(i, deadline).to_fields().items() for x in kv])
+                    for i in range(start, end)]
+            if not await script(keys=[keys.batch_stream, keys.batch(batch_id), lease],
+                                args=[owner, LEASE_MS, end, *jobs]):
+                log.warning("stopped appending batch %s at %d (lease lost or set deleted)", batch_id, start)
+                return False
             start = end
         return True
     finally:
@@ -193,6 +329,7 @@ def progress(spec: BatchSpec, f: dict[str, str], now: float) -> dict:
     rate = (done - 1) / span if first and done > 1 and span > 0 else None
     left = spec.total - done - failed
     return {"done": done, "failed": failed, "total": spec.total, "enqueued": int(f.get("enqueued", 0)),
+            "error": f.get("error"), "message": f.get("message"), "bytes": spec.nbytes, "volume": spec.volume,
             "images_per_s": round(rate, 3) if rate else None,
             "eta_s": 0.0 if finished else (round(left / rate, 1) if rate else None)}
 
@@ -222,15 +359,54 @@ def npz_stream(spec: BatchSpec, path: Path) -> Iterator[bytes]:
 
 
 # -- worker side ---------------------------------------------------------------------------
+def set_file(r, keys: Keys, batch_id: str, volumes: dict[str, Path]) -> tuple[tuple, Path | None] | None:
+    """(image shape, volume dir or None when this process lacks the set's volume), or None: no such set."""
+    shape, volume = r.hmget(keys.batch(batch_id), ["shape", "volume"])
+    if shape is None:
+        return None
+    return tuple(json.loads(shape)), volumes.get((volume or b"default").decode())
+
+
+def stopped(r, keys: Keys, batch_ids: set[str]) -> set[str]:
+    """The sets among `batch_ids` that are gone (deleted, expired) or stopped (failed): one round trip."""
+    ids = sorted(batch_ids)
+    pipe = r.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.hget(keys.batch(batch_id), "status")
+    return {i for i, status in zip(ids, pipe.execute(), strict=True) if status in (None, b"failed")}
+
+
+def stop(r, keys: Keys, batch_id: str, error: str, message: str) -> bool:
+    """Fail a running set with a reason (a disk error): its other samples are dropped, not retried."""
+    return bool(r.register_script(STOP_LUA)(keys=[keys.batch(batch_id), keys.batch_done(batch_id)],
+                                            args=[error, message, repr(time.time())]))
+
+
 def write_image(batch_dir: Path, job: Job, image: np.ndarray) -> None:
-    """Write one finished image at its offset, on disk before Redis counts it."""
+    """Write one finished image at its offset (batch_dir: its set's volume), on disk before Redis counts it."""
     path = images_file(batch_dir, job.batch)
     data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
     fd = os.open(path, os.O_WRONLY)  # FileNotFoundError: batch_dir is not shared with the API
     try:
         if os.fstat(fd).st_size < (job.index + 1) * len(data):
             raise ValueError(f"{path} is too small for image {job.index} of {image.shape}")
-        os.pwrite(fd, data, job.index * len(data))
+        view, offset = memoryview(data), job.index * len(data)
+        while view:  # a filling disk may take part of a write: the rest then fails with ENOSPC
+            n = os.pwrite(fd, view, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, f"pwrite wrote nothing at {offset} of {path}")
+            view, offset = view[n:], offset + n
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def acknowledge(r, jobs: list[Job]) -> None:
+    """Acknowledge and delete dropped jobs' entries (DELETE may have done so already: that is harmless)."""
+    if not jobs:
+        return
+    pipe = r.pipeline(transaction=True)
+    for job in jobs:
+        pipe.xack(job.stream, GROUP, job.stream_id)
+        pipe.xdel(job.stream, job.stream_id)
+    pipe.execute()

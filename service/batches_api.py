@@ -1,4 +1,7 @@
-"""Sample-set routes: POST /batches, GET /batches/{id}, its .npz and .tar (service/batches.py)."""
+"""Sample-set routes: POST /batches, GET and DELETE /batches/{id}, its .npz and .tar (service/batches.py).
+
+With API keys on, a set belongs to the key that made it, like a job: any other key gets 404.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,14 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from service import batches
+from service import batch_disk, batches
 from service.errors import ERRORS, error
 from service.jobs import Keys
 from service.model_watch import ModelWatcher
 from service.schemas import (
     MAX_SEED,
     BatchAccepted,
+    BatchDeleted,
     BatchRequest,
     BatchStatus,
     ErrorBody,
@@ -29,9 +33,13 @@ from service.settings import Settings
 log = logging.getLogger("ldit.api")
 
 
-def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, guard) -> None:
-    @app.post("/batches", status_code=202, response_model=BatchAccepted, responses={**ERRORS, 503: {"model": ErrorBody}})
-    async def create_batch(req: BatchRequest, request: Request, _caller: str = guard):
+def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, guard, owner_of) -> None:
+    """`owner_of(caller)`: what a set records as its owner (service/auth.py, Guard.owner)."""
+    volumes = settings.batch_volume_dirs()
+
+    @app.post("/batches", status_code=202, response_model=BatchAccepted,
+              responses={**ERRORS, 503: {"model": ErrorBody}, 507: {"model": ErrorBody}})
+    async def create_batch(req: BatchRequest, request: Request, caller: str = guard):
         """A sample set for FID: `per_class` images of each class, through the queue at a lower priority."""
         model.poll()
         spec, version = model.spec, model.version
@@ -46,21 +54,29 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
                                           f"at most {settings.max_batch_images} (LDIT_MAX_BATCH_IMAGES)")
         if req.seed_start + req.per_class > MAX_SEED:
             raise FieldError("seed_start", f"seeds would pass {MAX_SEED - 1}")
+        if req.volume not in volumes:
+            raise FieldError("volume", f"no volume {req.volume[:64]!r}; this service has {', '.join(volumes)} "
+                                       "(LDIT_BATCH_VOLUMES)")
         b = batches.BatchSpec(
             id=batches.new_batch_id(), classes=classes, per_class=req.per_class, seed_start=req.seed_start,
             preset_name=req.preset or spec.default_preset, preset=resolve_preset(spec, req),
-            shape=(spec.image_size, spec.image_size, 3), model_version=version, created_at=time.time())
+            shape=(spec.image_size, spec.image_size, 3), model_version=version, created_at=time.time(),
+            volume=req.volume, owner=owner_of(caller))
         r: aioredis.Redis = request.app.state.redis
-        await batches.create(r, keys, b, settings.batch_dir, settings.batch_ttl_s)
+        try:
+            await check_volume(r, b)
+            await batches.create(r, keys, b, volumes[b.volume], settings.batch_ttl_s, settings.batch_max_bytes)
+        except batches.NoRoom as err:
+            return no_room(err)
         background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
         return BatchAccepted(id=b.id, status="running", total=b.total, **batch_urls(b.id))
 
     @app.get("/batches/{batch_id}", response_model=BatchStatus, responses={**ERRORS, 404: {"model": ErrorBody}})
-    async def get_batch(batch_id: str, request: Request, _caller: str = guard):
+    async def get_batch(batch_id: str, request: Request, caller: str = guard):
         r: aioredis.Redis = request.app.state.redis
-        found = await batches.read(r, keys, batch_id[:64])
+        found = await read_own(r, batch_id[:64], caller)
         if found is None:
-            return error(404, "not_found", f"no sample set {batch_id[:64]!r} (unknown or expired)")
+            return error(404, "not_found", f"no sample set {batch_id[:64]!r} (unknown, expired or deleted)")
         b, fields = found
         if int(fields.get("enqueued", 0)) < b.total:  # its appender may have died: take over (lease permitting)
             background(request.app, batches.append_jobs(r, keys, b.id, settings.batch_ttl_s))
@@ -69,12 +85,20 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
             num_classes=len(b.classes), per_class=b.per_class, seed_start=b.seed_start, preset=b.preset_name,
             sampler=b.preset.to_dict(), model_version=b.model_version, created_at=b.created_at, **batch_urls(b.id))
 
+    @app.delete("/batches/{batch_id}", response_model=BatchDeleted, responses={**ERRORS, 404: {"model": ErrorBody}})
+    async def delete_batch(batch_id: str, request: Request, caller: str = guard):
+        """Cancel a set (its queued jobs are dropped, workers drop its samples) and remove its file and records."""
+        gone = await batches.delete(request.app.state.redis, keys, batch_id[:64], owner_of(caller), volumes)
+        if gone is None:
+            return error(404, "not_found", f"no sample set {batch_id[:64]!r} (unknown, expired or deleted)")
+        return BatchDeleted(**gone)
+
     @app.get("/batches/{batch_id}/samples.npz", response_class=StreamingResponse, responses={
         200: {"content": {"application/octet-stream": {}}, "description": (
             "The ADM evaluator's .npz: arr_0 uint8 [N, H, W, 3] (class-major), arr_1 int64 labels [N]; streamed.")},
         **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def batch_samples(batch_id: str, request: Request, _caller: str = guard):
-        found = await finished_batch(request, batch_id[:64])
+    async def batch_samples(batch_id: str, request: Request, caller: str = guard):
+        found = await finished_batch(request, batch_id[:64], caller)
         if isinstance(found, Response):
             return found
         b, path = found
@@ -84,8 +108,8 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
     @app.get("/batches/{batch_id}/images.tar", response_class=StreamingResponse, responses={
         200: {"content": {"application/x-tar": {}}, "description": "The PNGs, class{K}_seed{S}.png; streamed."},
         **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-    async def batch_images(batch_id: str, request: Request, _caller: str = guard):
-        found = await finished_batch(request, batch_id[:64])
+    async def batch_images(batch_id: str, request: Request, caller: str = guard):
+        found = await finished_batch(request, batch_id[:64], caller)
         if isinstance(found, Response):
             return found
         b, path = found
@@ -93,22 +117,47 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
                                  media_type="application/x-tar",
                                  headers={"Content-Disposition": f'attachment; filename="{b.id}.tar"'})
 
-    async def finished_batch(request: Request, batch_id: str):
+    async def read_own(r: aioredis.Redis, batch_id: str, caller: str):
+        found = await batches.read(r, keys, batch_id)
+        return found if found is not None and found[0].owner == owner_of(caller) else None
+
+    async def check_volume(r: aioredis.Redis, b: batches.BatchSpec) -> None:
+        """NoRoom if the set's volume lacks the room for it (its free space less what running sets will write)."""
+        held = {i: n for i, (n, v) in (await batches.held(r, keys)).items() if v == b.volume}
+        try:
+            room = await asyncio.to_thread(batch_disk.room, volumes[b.volume], held)
+        except OSError as err:  # not mounted, not writable: no room either
+            raise batches.NoRoom("volume", b.nbytes, 0, f"volume {b.volume!r} is not usable: {err}") from err
+        if b.nbytes > room.left:
+            raise batches.NoRoom("volume", b.nbytes, room.left, (
+                f"this set needs {b.nbytes:,} bytes; volume {b.volume!r} has room for {room.left:,} "
+                f"({room.free:,} free, less {room.unwritten:,} that its running sets will still write)"))
+
+    async def finished_batch(request: Request, batch_id: str, caller: str):
         """(spec, file) of a finished set, or the error to answer."""
-        found = await batches.read(request.app.state.redis, keys, batch_id)
+        found = await read_own(request.app.state.redis, batch_id, caller)
         if found is None:
-            return error(404, "not_found", f"no sample set {batch_id!r} (unknown or expired)")
+            return error(404, "not_found", f"no sample set {batch_id!r} (unknown, expired or deleted)")
         b, fields = found
         status, done = fields.get("status", "running"), int(fields.get("done", 0))
         if status == "running":
             return error(409, "not_ready", f"{done} of {b.total} images done", headers={"Retry-After": "5"})
         if status == "failed":
-            return error(409, "failed", f"{fields.get('failed')} of {b.total} images failed")
-        path = batches.images_file(settings.batch_dir, b.id)
-        if not path.is_file():
-            return error(503, "unavailable", "the set's file is not in this API's LDIT_BATCH_DIR; "
-                                             "the API and the workers must share that directory")
+            why = fields.get("message") or f"{fields.get('failed')} of {b.total} images failed"
+            return error(409, "failed", why)
+        path = batches.images_file(volumes[b.volume], b.id) if b.volume in volumes else None
+        if path is None or not path.is_file():
+            return error(503, "unavailable", f"the set's file is not on this API's volume {b.volume!r} "
+                                             "(LDIT_BATCH_DIR, LDIT_BATCH_VOLUMES); the API and the workers "
+                                             "must share that directory")
         return b, path
+
+
+def no_room(err: batches.NoRoom):
+    """507: the set does not fit, saying how much room there is."""
+    return error(507, "insufficient_storage", str(err), [{
+        "field": "per_class", "message": str(err), "type": f"no_room_{err.what}", "need_bytes": err.need,
+        "room_bytes": err.left}])
 
 
 def batch_urls(batch_id: str) -> dict[str, str]:

@@ -49,6 +49,16 @@ class Keys:
         return f"{self.prefix}:batches"
 
     @property
+    def batch_held(self) -> str:
+        """Hash: set id -> {"bytes", "volume"} of every set file on disk, until the file is removed (budget)."""
+        return f"{self.prefix}:batches:held"
+
+    @property
+    def batch_sweeper(self) -> str:
+        """Lease of the API process now removing expired and unowned set files."""
+        return f"{self.prefix}:batches:sweeper"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}:dead"
 

@@ -52,3 +52,23 @@ EXPIRED = Counter("ldit_expired_jobs", "Jobs dropped because their deadline pass
 ENGINE = Info("ldit_engine", "What this worker's engine is: backend (\"simulated\" for a timing model), device, "
               "precision, and the timing profile of a simulated one.")
 RECLAIMED = Counter("ldit_reclaimed_jobs", "Jobs claimed from a silent worker (XAUTOCLAIM).")
+
+# -- sample sets (POST /batches) -------------------------------------------------------
+BATCH_IMAGES_WRITTEN = Counter(
+    "ldit_batch_images_written", "Sample-set images written to their set's file (rate(): images written per second)."
+)
+BATCH_WRITE_ERRORS = Counter(
+    "ldit_batch_write_errors", "Sample-set images whose write failed with a disk error, stopping their set; by "
+    "reason (disk_full, io_error, no_volume).", ["reason"],
+)
+BATCH_SAMPLES_DROPPED = Counter(
+    "ldit_batch_samples_dropped", "Sample-set jobs a worker dropped, queued or mid-sampling, because their set was "
+    "deleted, expired or stopped.",
+)
+BATCH_BYTES = Gauge(
+    "ldit_batch_bytes", "Bytes held by sample sets (each file's full size, until the file is removed), all volumes."
+)
+BATCH_SETS = Gauge("ldit_batch_sets", "Sample sets whose file is held, by state (running, done, failed).", ["state"])
+BATCH_FILES_SWEPT = Counter(
+    "ldit_batch_files_swept", "Sample-set files removed by the sweeper (expired sets, files no set owns)."
+)

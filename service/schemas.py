@@ -116,6 +116,8 @@ class BatchRequest(SamplerChoice):
     per_class: json_int(ge=1, le=1_000_000) = Field(description="Images of each class.")
     seed_start: numeric_int(ge=0, lt=MAX_SEED) = Field(
         0, description="Seed of each class's first image; image j of a class has seed seed_start + j.")
+    volume: StrictStr = Field("default", max_length=64, description=(
+        "Where its file goes: `default` (LDIT_BATCH_DIR) or a name of LDIT_BATCH_VOLUMES."))
 
 
 class BatchAccepted(BaseModel):
@@ -134,6 +136,10 @@ class BatchStatus(BaseModel):
     done: int
     failed: int
     enqueued: int = Field(description="Jobs appended to the queue so far (appending resumes after an API restart).")
+    error: str | None = Field(None, description="Why a stopped set failed: disk_full, io_error, no_volume.")
+    message: str | None = Field(None, description="The failure in words (the errno's text, which image, which volume).")
+    bytes: int = Field(description="Size of its file: images x H x W x 3.")
+    volume: str = Field(description="The volume holding its file (`default`: LDIT_BATCH_DIR).")
     images_per_s: float | None = Field(None, description="Since the first image was done.")
     eta_s: float | None = Field(None, description="Seconds left at that rate.")
     num_classes: int
@@ -145,6 +151,13 @@ class BatchStatus(BaseModel):
     created_at: float
     samples_url: str
     images_url: str
+
+
+class BatchDeleted(BaseModel):
+    id: str
+    status: Literal["deleted"]
+    dropped_jobs: int = Field(description="Its jobs still queued, removed from the queue.")
+    freed_bytes: int = Field(description="The size of its file, now removed (0 if another process removes it).")
 
 
 class FieldError(ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # engines imports torch; the settings stay light to import
@@ -121,9 +121,22 @@ class Settings(BaseSettings):
         REPO_ROOT / "batches_out",
         description="Where sample sets' images are written (one raw file per set); the API and every worker must share it.",
     )
+    batch_volumes: str = Field(
+        "", description="More places for sample sets, as name=path,name=path: POST /batches picks one with "
+        "`volume` (`default` is batch_dir). Every API and worker must list the same names (paths may differ).",
+    )
     max_batch_images: int = Field(100000, ge=1, description="Most images one POST /batches may ask for.")
+    batch_max_bytes: int = Field(
+        0, ge=0, description="Most bytes all sample sets may hold at once, over every volume (0: no budget; the "
+        "free space of the set's volume is checked either way). A set that would not fit is refused with 507.",
+    )
     batch_ttl_s: int = Field(
-        7 * 24 * 3600, ge=60, description="How long a sample set's record lives in Redis (its files stay in batch_dir)."
+        7 * 24 * 3600, ge=1, description="A sample set's file and records are removed this long after it completes "
+        "or fails. Its images time out this long after it was made, so a set no worker finishes goes after twice this.",
+    )
+    batch_sweep_interval_s: float = Field(
+        60.0, gt=0, description="How often an API process (one at a time, under a lease) removes the files of "
+        "expired or deleted sample sets and files that no set owns.",
     )
 
     # --- worker ------------------------------------------------------------------
@@ -179,6 +192,16 @@ class Settings(BaseSettings):
             raise ValueError(f"png_compress_level {self.png_compress_level} is past {self.png_encoder}'s levels 0-{top}")
         return self
 
+    @field_validator("batch_volumes")
+    @classmethod
+    def _volumes_parse(cls, value: str) -> str:
+        parse_volumes(value)  # refuse a bad list at start-up, not at the first set
+        return value
+
+    def batch_volume_dirs(self) -> dict[str, Path]:
+        """Each sample-set volume by name; `default` is batch_dir."""
+        return {"default": self.batch_dir, **parse_volumes(self.batch_volumes)}
+
     @property
     def profile_opt_rows(self) -> int:
         return self.preferred_batch_size or self.max_batch_size
@@ -189,6 +212,19 @@ class Settings(BaseSettings):
 
         # The build's knobs carry the same names as ours (tests/test_build_engine.py checks it).
         return EngineBuildConfig(**{name: getattr(self, name) for name in EngineBuildConfig.model_fields})
+
+
+def parse_volumes(text: str) -> dict[str, Path]:
+    """`fast=/mnt/a,big=/mnt/b` -> {"fast": Path("/mnt/a"), "big": Path("/mnt/b")}."""
+    volumes: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, path = (x.strip() for x in item.partition("="))
+        if not sep or not name or not path or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"batch_volumes: {item!r} is not name=path (name: letters, digits, - and _)")
+        if name == "default" or name in volumes:
+            raise ValueError(f"batch_volumes: {name!r} named twice (`default` is batch_dir)")
+        volumes[name] = Path(path)
+    return volumes
 
 
 def env_var_names() -> list[str]:

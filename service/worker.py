@@ -45,7 +45,7 @@ import numpy as np
 import redis
 
 from model.sampling import SamplerPreset
-from service import batches, metrics, queue
+from service import batch_disk, batches, metrics, queue
 from service.capacity import TickModel, row_steps
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
@@ -176,6 +176,7 @@ class Worker:
             self._reconcile()
             self._last_reclaim = now
         self._read_jobs()
+        self._drop_stopped_sets()
         self._expire(time.time())
         self._hot_swap()
         if self._swap is None:  # while a new model waits, the old one only finishes its samples
@@ -347,6 +348,23 @@ class Worker:
         for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
             self._fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
 
+    def _drop_stopped_sets(self) -> None:
+        """Samples of a set deleted, expired or stopped by a disk error leave before the next plan."""
+        ids = {j.batch for j in self.waiting_batch} | {
+            s.job.batch for s in (*self.scheduler.active, *self.decodes.waiting) if s.job.batch}
+        gone = batches.stopped(self.r, self.keys, ids) if ids else set()
+        if not gone:
+            return
+        jobs = [j for j in self.waiting_batch if j.batch in gone]
+        kept = [j for j in self.waiting_batch if j.batch not in gone]
+        self.waiting_batch.clear()
+        self.waiting_batch.extend(kept)
+        jobs += [s.job for s in self.scheduler.drop(lambda s: s.job.batch in gone)]
+        jobs += [s.job for s in self.decodes.drop(lambda s: s.job.batch in gone)]
+        batches.acknowledge(self.r, jobs)
+        metrics.BATCH_SAMPLES_DROPPED.inc(len(jobs))
+        log.info("dropped samples of stopped sets", extra={"count": len(jobs), "sets": sorted(gone)})
+
     def _on_admit(self, samples: list[Sample], mid_flight: bool) -> None:
         """Metrics and the `running` status of newly admitted samples: one Redis round trip."""
         if not samples:
@@ -469,17 +487,27 @@ class Worker:
         """A sample-set image: into its set's file at its index, then counted once and acknowledged."""
         job = sample.job
         try:
-            shape = self._batch_shape(job.batch)
-            if shape is None:
+            found = self._batch_file(job.batch)
+            if found is None:
                 self._fail(job, "expired", "the sample set is gone")
-            elif tuple(image.shape) != shape:
-                self._fail(job, "shape", f"the model makes {tuple(image.shape)} images; the set wants {shape}")
+            elif tuple(image.shape) != found[0]:
+                self._fail(job, "shape", f"the model makes {tuple(image.shape)} images; the set wants {found[0]}")
+            elif found[1] is None:
+                self._stop_set(job, "no_volume", f"worker {self.name} has no volume for this set (LDIT_BATCH_VOLUMES)")
             else:
-                batches.write_image(self.s.batch_dir, job, image)
+                try:
+                    batches.write_image(found[1], job, image)
+                except OSError as err:  # a full or failing disk fails again on redelivery: stop the set
+                    if not batch_disk.disk_error(err):
+                        raise
+                    return self._stop_set(job, batch_disk.disk_error(err),
+                                          f"writing image {job.index} failed: {err.strerror} (errno {err.errno}) "
+                                          f"on {found[1]}")
                 self._record(job, "done")
                 with self._lock:
                     self._images += 1
                 metrics.IMAGES.inc()
+                metrics.BATCH_IMAGES_WRITTEN.inc()
                 metrics.COMPUTE_DURATION.observe(sample.compute_s + decode_s)
         except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo it
             log.exception("storing image %d of sample set %s failed", job.index, job.batch)
@@ -487,13 +515,21 @@ class Worker:
             with self._lock:
                 self.finishing.pop(job.id, None)
 
-    def _batch_shape(self, batch_id: str) -> tuple | None:
+    def _batch_file(self, batch_id: str) -> tuple | None:
+        """(image shape, the volume dir of its file or None), or None for a set that is gone."""
         if batch_id not in self._batch_shapes:
-            raw = self.r.hget(self.keys.batch(batch_id), "shape")
-            if raw is None:
+            found = batches.set_file(self.r, self.keys, batch_id, self.s.batch_volume_dirs())
+            if found is None:
                 return None
-            self._batch_shapes[batch_id] = tuple(json.loads(raw))
+            self._batch_shapes[batch_id] = found
         return self._batch_shapes[batch_id]
+
+    def _stop_set(self, job: Job, reason: str, message: str) -> None:
+        """Fail the set of `job` with the reason; the image is counted failed, the set's other samples dropped."""
+        batches.stop(self.r, self.keys, job.batch, reason, message)
+        self._record(job, "failed")
+        metrics.BATCH_WRITE_ERRORS.labels(reason).inc()
+        log.error("sample set stopped", extra={"batch": job.batch, "reason": reason, "detail": message})
 
     def _record(self, job: Job, outcome: str) -> None:
         """Count a sample-set job once (done or failed) and acknowledge it: one Lua call."""

@@ -38,8 +38,9 @@ from tests.service_harness import make_tiny_bundle, start_service  # noqa: E402
 
 MAX_EXAMPLES = 50
 # Valid by the schema, checked against the loaded model (classes, presets) or the deployment's limits
-# (a set's size against LDIT_MAX_BATCH_IMAGES, its last seed seed_start + per_class - 1 against 2**63).
-MODEL_DEPENDENT = {"class_label", "preset", "classes", "per_class", "seed_start"}
+# (a set's size against LDIT_MAX_BATCH_IMAGES, its last seed seed_start + per_class - 1 against 2**63,
+# its volume against the names of LDIT_BATCH_VOLUMES).
+MODEL_DEPENDENT = {"class_label", "preset", "classes", "per_class", "seed_start", "volume"}
 NUMERIC = ("cfg_scale", "cfg_interval_start", "timestep_shift")
 
 
