@@ -138,13 +138,18 @@ def xl_bundle(dry: bool) -> ModelBundle:
     """LightningDiT-XL/1 + the f16d32 VA-VAE decoder with random (perturbed) weights, built on the host."""
     cfg = TINY_DIT if dry else lightningdit_config("LightningDiT-XL/1")
     ddconfig = TINY_VAE if dry else VAVAE_CONFIGS["f16d32"]["ddconfig"]
+    return random_model_bundle(cfg, ddconfig, "xl-random" if not dry else "tiny-random")
+
+
+def random_model_bundle(cfg: dict, ddconfig: dict, name: str) -> ModelBundle:
+    """A DiT of config `cfg` and a VA-VAE of `ddconfig`, random (perturbed) weights, in memory only."""
     torch.manual_seed(0)
     dit = LightningDiT(**cfg).eval()
     perturb_(dit, 1, big=0.05, small=0.02)
     vae = VAVAE(ddconfig["z_channels"], ddconfig).eval()
     perturb_(vae, 2, big=0.01, small=0.01)
     c = cfg["in_channels"]
-    spec = BundleSpec(root=Path(tempfile.gettempdir()), name="xl-random" if not dry else "tiny-random",
+    spec = BundleSpec(root=Path(tempfile.gettempdir()), name=name,
                       dit_config=cfg, dit_checkpoint=Path("-"), vae_embed_dim=ddconfig["z_channels"],
                       vae_ddconfig=ddconfig, vae_checkpoint=Path("-"), latent_stats=Path("-"), latent_multiplier=1.0,
                       class_names=[str(i) for i in range(cfg["num_classes"])], presets=dict(PRESETS),
