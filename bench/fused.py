@@ -82,9 +82,9 @@ def gemm_gflops(dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def timed(fn) -> tuple[float, torch.Tensor]:
+def timed(fn, *args) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return time.perf_counter() - t0, out
 
 
@@ -131,24 +131,26 @@ def compare(bundle, precision: str, rows_list: list[int], iters: list[int], refs
     eager = TorchEngine(bundle, "cpu", precision, max(rows_list))
     fused = TorchEngine(bundle, "cpu", precision, max(rows_list), compile=True)
     x1, t1, y1 = inputs(bundle, 1, seed=1)
-    compile_s, _ = timed(lambda: fused.velocity(x1, t1, y1))
+    compile_s, _ = timed(fused.velocity, x1, t1, y1)
     log(f"{precision}: compile (first compiled call, 1 row) {compile_s:.1f} s")
     out: dict = {"precision": precision, "compile_s": round(compile_s, 1), "rows": {}}
     for rows, n in zip(rows_list, iters, strict=True):
         x, t, y = inputs(bundle, rows)
-        best = {"eager": float("inf"), "compiled": float("inf")}
+        passes: dict[str, list[float]] = {"eager": [], "compiled": []}
         got = {}
         for i in range(n):
             for label, engine in (("eager", eager), ("compiled", fused)):
-                s, got[label] = timed(lambda e=engine: e.velocity(x, t, y))
-                best[label] = min(best[label], s)
+                s, got[label] = timed(engine.velocity, x, t, y)
+                passes[label].append(s)
                 log(f"{precision} {rows} rows {label} pass {i + 1}/{n}: {s * 1000:.0f} ms")
+        best = {k: min(v) for k, v in passes.items()}
         if precision == "fp32" and rows not in refs:
             refs[rows] = got["eager"]
         res = {"eager_ms": round(best["eager"] * 1000, 1), "compiled_ms": round(best["compiled"] * 1000, 1),
                "speedup": round(best["eager"] / best["compiled"], 2),
                "eager_gflops": round(flops_row * rows / best["eager"] / 1e9, 1),
-               "compiled_gflops": round(flops_row * rows / best["compiled"] / 1e9, 1)}
+               "compiled_gflops": round(flops_row * rows / best["compiled"] / 1e9, 1),
+               "passes_ms": {k: [round(v * 1000) for v in vs] for k, vs in passes.items()}}
         if rows in refs:
             res["compiled_rel_err_vs_fp32"] = float(f"{rel_err(got['compiled'], refs[rows]):.2e}")
             res["eager_rel_err_vs_fp32"] = float(f"{rel_err(got['eager'], refs[rows]):.2e}")
