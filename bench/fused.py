@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fused (regionally compiled) against eager DiT forward on the CPU, side by side in one run.
 
-    python bench/fused.py                         # B/1 at 256 tokens, fp32 at 16 and 64 rows (~10 min on 2 cores)
+    python bench/fused.py                         # B/1 at 256 tokens, 16 and 64 rows (6-10 min on 2 shared cores)
     python bench/fused.py --rows 4 --iters 1      # a quick look
     python bench/fused.py --json bench/out/fused.json
 
@@ -21,7 +21,7 @@ compiled one runs every block through one inductor graph (C++ backend here). Pri
 
 bf16 runs at --rows where the CPU has bf16 matmul hardware (AMX or AVX512-BF16); without
 it eager bf16 matmuls run a slow fallback kernel, so bf16 is measured at --bf16-rows-fallback
-rows only and the output says so.
+rows only (default 16: eager bf16 runs about 40 s a forward there) and the output says so.
 """
 
 from __future__ import annotations
@@ -169,9 +169,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="LightningDiT-B/1")
     ap.add_argument("--rows", default="16,64", help="row counts (fp32, and bf16 where the CPU has bf16 hardware)")
     ap.add_argument("--iters", default="2,1", help="timed passes per row count (best of), one per --rows entry")
-    ap.add_argument("--bf16-rows-fallback", default="1", help="bf16 row counts on a CPU without bf16 hardware "
-                    "('' skips bf16 there)")
-    ap.add_argument("--profile-rows", type=int, default=4, help="rows of the profiled forward (0: no profile)")
+    ap.add_argument("--bf16-rows-fallback", default="16", help="bf16 row counts on a CPU without bf16 hardware "
+                    "('' skips bf16 there; avoid 1: eager bf16 takes a far slower GEMM path at one row there)")
+    ap.add_argument("--bf16-iters", type=int, default=2, help="timed passes of bf16 on such a CPU")
+    ap.add_argument("--profile-rows", type=int, default=16, help="rows of the profiled forward (0: no profile)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("LDIT_BENCH_THREADS", "2")))
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         bf16_note = "bf16 matmul hardware present: bf16 measured at the same row counts"
     else:
         bf16_rows = [int(r) for r in a.bf16_rows_fallback.split(",") if r]
-        bf16_iters = [1] * len(bf16_rows)
+        bf16_iters = [a.bf16_iters] * len(bf16_rows)
         bf16_note = (f"no bf16 matmul hardware (capability {facts['capability']}, no avx512_bf16/AMX): eager bf16 "
                      f"matmuls run a fallback kernel at {facts['gemm_gflops']['bf16_512']} GFLOP/s against "
                      f"{facts['gemm_gflops']['fp32_1024']} in fp32, so bf16 is "
