@@ -14,7 +14,7 @@ from collections import deque
 import pytest
 import torch
 
-from engines.torch_backend import TorchEngine
+from engines.torch_backend import PARITY_REL_TOL, TorchEngine
 from model.bundle import load_bundle
 from model.sampling import initial_noise, sample
 from service.jobs import Job
@@ -155,15 +155,14 @@ def test_sdpa_takes_the_flash_backend_with_the_models_qk_layout(qk_norm):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash = dit(x, t, y).float()
     assert torch.isfinite(flash).all()
-    assert float((flash - ref).abs().max() / ref.abs().max()) < 2e-2
+    # two bf16 attention kernels: 0.8-0.9% apart when the same check runs on the CPU's flash kernel
+    assert float((flash - ref).abs().max() / ref.abs().max()) < PARITY_REL_TOL["bf16"]
 
 
 def test_compiled_blocks_with_cuda_graphs_match_eager_on_every_bucket(bundle_dir):
     """Regional compilation on CUDA (Triton), with a CUDA graph per bucket on top: one graph for every bucket,
     and the same velocities as the eager bf16 engine within the bf16 bound."""
     from torch._dynamo.utils import counters
-
-    from engines.torch_backend import PARITY_REL_TOL
 
     torch._dynamo.reset()
     counters.clear()
