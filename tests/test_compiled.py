@@ -66,6 +66,11 @@ def test_model_blocks_share_one_graph_over_every_bucket_in_fp32(bundle_dir, eage
         assert rel_err(got, ref) < PARITY_REL_TOL["fp32"]
     assert compiled_graphs() == after_warmup, "a row count recompiled the blocks"
     assert counters["stats"]["calls_captured"] > 0
+    # A hot swap to a checkpoint of the same architecture loads a new engine: it reuses the graph.
+    swapped = TorchEngine(load_bundle(bundle_dir), "cpu", "fp32", MAX_ROWS, compile=True)
+    x, t, y = inputs(bundle, 3, seed=50)
+    torch.testing.assert_close(swapped.velocity(x, t, y), eager.velocity(x, t, y), rtol=1e-4, atol=1e-4)
+    assert compiled_graphs() == after_warmup
 
 
 def test_bf16_compiled_is_within_the_bf16_bound_of_eager_fp32(bundle_dir, eager):
