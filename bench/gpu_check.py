@@ -9,7 +9,9 @@ Steps, each writing DIR/STEP.json (`summary` merges them into DIR/summary.json):
             graphs: error against fp32, ms per forward at 16 and 64 rows, TFLOP/s and MFU
             against the bf16 peak, and the full 800ep recipe for 32 images (images/s)
             through the serving scheduler and runner, decode included.
-* xl_compiled: the same for bf16 with torch.compile (its own step: compilation may be slow).
+* xl_compiled: the same for bf16 with the blocks compiled (regional compilation: one inductor graph for
+            every block and bucket), with and without CUDA graphs on top, plus the compile time (its own
+            step and time cap: compilation may be slow).
 * vae:      the f16d32 VA-VAE decoder (random weights) in fp32, bf16, fp16: finite, PSNR, ms/image.
 * service:  the all-in-one service on the device (embedded Redis, shipped demo model), 32
             concurrent /generate requests, each PNG against the same image made offline.
@@ -138,13 +140,18 @@ def xl_bundle(dry: bool) -> ModelBundle:
     """LightningDiT-XL/1 + the f16d32 VA-VAE decoder with random (perturbed) weights, built on the host."""
     cfg = TINY_DIT if dry else lightningdit_config("LightningDiT-XL/1")
     ddconfig = TINY_VAE if dry else VAVAE_CONFIGS["f16d32"]["ddconfig"]
+    return random_model_bundle(cfg, ddconfig, "xl-random" if not dry else "tiny-random")
+
+
+def random_model_bundle(cfg: dict, ddconfig: dict, name: str) -> ModelBundle:
+    """A DiT of config `cfg` and a VA-VAE of `ddconfig`, random (perturbed) weights, in memory only."""
     torch.manual_seed(0)
     dit = LightningDiT(**cfg).eval()
     perturb_(dit, 1, big=0.05, small=0.02)
     vae = VAVAE(ddconfig["z_channels"], ddconfig).eval()
     perturb_(vae, 2, big=0.01, small=0.01)
     c = cfg["in_channels"]
-    spec = BundleSpec(root=Path(tempfile.gettempdir()), name="xl-random" if not dry else "tiny-random",
+    spec = BundleSpec(root=Path(tempfile.gettempdir()), name=name,
                       dit_config=cfg, dit_checkpoint=Path("-"), vae_embed_dim=ddconfig["z_channels"],
                       vae_ddconfig=ddconfig, vae_checkpoint=Path("-"), latent_stats=Path("-"), latent_multiplier=1.0,
                       class_names=[str(i) for i in range(cfg["num_classes"])], presets=dict(PRESETS),
@@ -189,9 +196,20 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
     sizes = (2, 8) if a.dry_run else (16, 64)
     t_load = time.perf_counter()
     engine = TorchEngine(bundle, str(dev), precision, max_rows, compile=compiled, cuda_graphs=graphs)
+    res = {"config": label}
+    if compiled:
+        # The first call compiles the block graph (inductor: Triton on CUDA, C++ on the CPU); with graphs
+        # it also captures bucket 1. Every other bucket reuses the graph (tests/test_compiled.py).
+        t_first = time.perf_counter()
+        with torch.inference_mode():
+            engine.velocity(torch.zeros(1, *bundle.spec.latent_shape, device=dev), torch.full((1,), 0.5, device=dev),
+                            torch.zeros(1, dtype=torch.long, device=dev))
+        sync(dev)
+        res["compile_s"] = round(time.perf_counter() - t_first, 1)
+        log(f"xl {label}: compiled in {res['compile_s']} s (first call)")
     engine.warmup()
     sync(dev)
-    res = {"config": label, "setup_s": round(time.perf_counter() - t_load, 1)}
+    res["setup_s"] = round(time.perf_counter() - t_load, 1)
     if dev.type == "cuda":
         res["gpu_mem_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 2)
     g = torch.Generator().manual_seed(7)
@@ -221,8 +239,8 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
                 res["sweep_ms"][rows] = round(time_ms(lambda x=x, t=t, y=y, e=engine: e.velocity(x, t, y), dev,
                                                       iters=3 if a.dry_run else 10), 3)
     if getattr(a, "profile", False) and dev.type == "cuda" and precision != "fp32":
-        res["top_kernels"] = top_kernels(engine, inputs[sizes[0]])
-        a.profile = False  # once is enough
+        res["top_kernels"], res["kernel_shares"] = top_kernels(engine, inputs[sizes[0]])
+        a.profile = compiled and not graphs  # once is enough (xl_compiled: also the graphs configuration)
     if precision != "fp32" and (graphs or compiled or a.dry_run):
         images = 4 if a.dry_run else 32
         preset = "800ep"
@@ -242,8 +260,19 @@ def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs:
     return res
 
 
-def top_kernels(engine, inputs, count: int = 15) -> list[dict]:
-    """The device kernels that take the time of three forwards (torch.profiler), largest first."""
+def kernel_category(name: str) -> str:
+    """matmul | attention | elementwise/other, from a CUDA kernel's name (cuBLAS, cuDNN, flash, Triton)."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "_mm_", "matmul", "wgmma")):
+        return "matmul"
+    return "elementwise/other"
+
+
+def top_kernels(engine, inputs, count: int = 15) -> tuple[list[dict], dict]:
+    """The device kernels that take the time of three forwards (torch.profiler), largest first, and the
+    share of device time by kernel_category."""
     from torch.profiler import ProfilerActivity, profile
 
     x, t, y = inputs
@@ -254,8 +283,12 @@ def top_kernels(engine, inputs, count: int = 15) -> list[dict]:
     rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     total = sum(e.self_device_time_total for e in rows) or 1.0
     rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return [{"kernel": e.key[:120], "calls": e.count, "ms_per_forward": round(e.self_device_time_total / 3000, 3),
-             "share": round(e.self_device_time_total / total, 3)} for e in rows[:count]]
+    shares = {"matmul": 0.0, "attention": 0.0, "elementwise/other": 0.0}
+    for e in rows:
+        shares[kernel_category(e.key)] += e.self_device_time_total / total
+    top = [{"kernel": e.key[:120], "calls": e.count, "ms_per_forward": round(e.self_device_time_total / 3000, 3),
+            "share": round(e.self_device_time_total / total, 3)} for e in rows[:count]]
+    return top, {k: round(v, 3) for k, v in shares.items()}
 
 
 def parse_configs(text: str) -> list[tuple[str, bool, bool]]:
@@ -291,10 +324,6 @@ def step_xl(a, configs=None) -> dict:
         if graphs and dev.type != "cuda":
             out["configs"].append({"config": f"{precision} graphs", "skipped": "CUDA graphs need a GPU (dry run)"})
             continue
-        if compiled and a.dry_run:  # inductor's CPU build of even the tiny model takes minutes on 2 cores
-            out["configs"].append({"config": f"{precision} compiled", "skipped": "torch.compile is not run in the "
-                                   "dry run (minutes of C++ compilation on a small CPU)"})
-            continue
         try:
             res = bench_config(bundle, dev, precision, graphs, compiled, ref, peak, flops_row, a)
             if ref is None and precision == "fp32":
@@ -302,14 +331,20 @@ def step_xl(a, configs=None) -> dict:
             out["configs"].append(res)
         except Exception as err:  # noqa: BLE001 - one failing configuration must not hide the others
             traceback.print_exc()
-            out["configs"].append({"config": f"{precision}{' graphs' if graphs else ''}",
+            out["configs"].append({"config": f"{precision}{' graphs' if graphs else ''}{' compiled' if compiled else ''}",
                                    "error": f"{type(err).__name__}: {err}"})
     return out
 
 
 def step_xl_compiled(a) -> dict:
+    """Regional compilation (engines.torch_backend.RegionalCompiledDiT): bf16 compiled, and compiled with CUDA
+    graphs per bucket on top (the candidate GPU default), against eager fp32; the dry run compiles on the CPU."""
     a.configs = None
-    return step_xl(a, [("fp32", False, False), ("bf16", False, True)])
+    a.profile = True  # the "after" kernel profile (the xl step's --profile is the "before")
+    configs = [("fp32", False, False), ("bf16", False, True)]
+    if not a.dry_run:
+        configs.append(("bf16", True, True))
+    return step_xl(a, configs)
 
 
 def step_vae(a) -> dict:

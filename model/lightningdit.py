@@ -315,19 +315,30 @@ class LightningDiT(nn.Module):
         x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, c, g * p, g * p)
 
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens h [N, T, D] and conditioning c [N, D], the inputs of every block."""
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        return h, c
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block -> velocity [N, C, H, W]."""
+        out = self.unpatchify(self.final_layer(h, c))
+        if self.learn_sigma:
+            out = out[:, : self.in_channels]
+        return out
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Velocity for latents x [N, C, H, W] at times t [N] (0 = noise, 1 = data), labels y [N]."""
-        h = self.x_embedder(x) + self.pos_embed  # [N, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y)  # [N, D]
+        # embed / blocks / head are separate so that a runtime can run the blocks its own way
+        # (engines.torch_backend compiles one block and reuses it for all of them).
+        h, c = self.embed(x, t, y)
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, c, self.feat_rope, use_reentrant=False)
             else:
                 h = block(h, c, self.feat_rope)
-        out = self.unpatchify(self.final_layer(h, c))
-        if self.learn_sigma:
-            out = out[:, : self.in_channels]
-        return out
+        return self.head(h, c)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=False, cfg_interval_start=0.0):
         """The official batch-doubled CFG call, kept for parity tests.

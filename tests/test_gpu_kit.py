@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from engines.torch_backend import PARITY_REL_TOL
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,3 +41,8 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     service = steps["service"]["configs"][0]
     assert service["pass"] and service["statuses"] == {"200": 8}
     assert "skipped" in steps["tensorrt"] or steps["tensorrt"].get("exit_code") == 0
+    # the compiled step really compiles in the dry run (inductor's C++ backend, tiny model)
+    fused = next(c for c in steps["xl_compiled"]["configs"] if c["config"] == "bf16 compiled")
+    assert fused["compile_s"] > 0 and fused["rows2"]["finite"]
+    assert 0 < fused["rows2"]["rel_err_vs_fp32"] < PARITY_REL_TOL["bf16"]
+    assert fused["recipe"]["images"] == 4
