@@ -10,6 +10,12 @@ service/png.py ships is the point of this table where few ms buy few bytes.
 
     python bench/png_formats.py
     python bench/png_formats.py --images 64 --json bench/out/png_formats.json --markdown
+
+`--placement` also measures where the encoder could run, with the default writer: in a thread of
+the process that holds the pixels (the worker's store pool), or in a process pool the pixels are
+sent to (pickled through a pipe, the PNG sent back). CPU per image of the parent and the children
+together, and the bytes each placement moves: a process pool moves the raw pixels once more, and
+encoding in the API would send raw pixels (not the PNG) through Redis.
 """
 
 from __future__ import annotations
@@ -59,6 +65,38 @@ def measure(encode, images: np.ndarray, repeats: int) -> dict:
     return {"cpu_ms": 1000 * best / len(images), "kb": sum(map(len, blobs)) / len(images) / 1000}
 
 
+def _encode_in_child(image: np.ndarray) -> tuple[bytes, float]:
+    t0 = time.process_time()
+    blob = png.encode(image)
+    return blob, time.process_time() - t0
+
+
+def placement(images: np.ndarray, repeats: int) -> list[dict]:
+    """CPU per image (parent + children) of encoding in a thread pool against a process pool of 2."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    rows = []
+    with ThreadPoolExecutor(2) as threads:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            list(threads.map(png.encode, images))
+            best = min(best, time.process_time() - t0)
+        rows.append({"placement": "thread pool (2) in the worker", "cpu_ms": 1000 * best / len(images),
+                     "extra_bytes": 0})
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as procs:
+        list(procs.map(_encode_in_child, images[:2]))  # start the children before timing
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            child = sum(c for _, c in procs.map(_encode_in_child, images))
+            best = min(best, time.process_time() - t0 + child)
+        rows.append({"placement": "process pool (2, spawn) beside the worker", "cpu_ms": 1000 * best / len(images),
+                     "extra_bytes": images[0].nbytes + len(png.encode(images[0]))})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=32)
@@ -66,6 +104,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--placement", action="store_true", help="also: thread pool against process pool")
     a = p.parse_args()
     images = crop_pool(photo_paths(), a.size, count=a.images)
     raw_kb = images[0].nbytes / 1000
@@ -84,6 +123,8 @@ def main() -> None:
     default = {"encoder": d["compressor"], "level": d["level"], "filter": d["method"]}
     out = {"machine": machine(), "images": a.images, "size": a.size, "raw_kb": raw_kb, "default": default,
            "rows": rows}
+    if a.placement:
+        out["placement"] = placement(images, a.repeats)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))
@@ -96,6 +137,9 @@ def main() -> None:
             print(f"| {r['encoder']}{mark} | {r['level']} | {r['filter']} | {r['cpu_ms']:.2f} | {r['kb']:.1f} |")
         else:
             print(f"{r['encoder']:>10} {r['level']:>2} {r['filter']:>8}  {r['cpu_ms']:6.2f} ms  {r['kb']:6.1f} kB{mark}")
+    for r in out.get("placement", []):
+        print(f"placement: {r['placement']}: {r['cpu_ms']:.2f} CPU ms per image (parent + children), "
+              f"{r['extra_bytes'] / 1000:.0f} kB more copied per image")
 
 
 if __name__ == "__main__":

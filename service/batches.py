@@ -31,13 +31,12 @@ import os
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis.asyncio as aioredis
-from PIL import Image
 
 from model.sample_sets import ChunkSink, npz_chunks, raw_chunks, sample_index
 from model.sampling import SamplerPreset
@@ -334,20 +333,17 @@ def progress(spec: BatchSpec, f: dict[str, str], now: float) -> dict:
             "eta_s": 0.0 if finished else (round(left / rate, 1) if rate else None)}
 
 
-def tar_chunks(spec: BatchSpec, path: Path, png_level: int) -> Iterator[bytes]:
-    """A tar of class{K}_seed{S}.png, each PNG encoded from the raw file as the stream goes."""
+def tar_chunks(spec: BatchSpec, path: Path, encode: Callable[[np.ndarray], bytes]) -> Iterator[bytes]:
+    """A tar of class{K}_seed{S}.png, each PNG encoded (`encode`) from the raw file as the stream goes."""
     labels, seeds = spec.labels_seeds()
     sink = ChunkSink()
     nbytes = int(np.prod(spec.shape))
     with open(path, "rb") as f, tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for i in range(spec.total):
-            image = np.frombuffer(f.read(nbytes), dtype=np.uint8).reshape(spec.shape)
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="PNG", compress_level=png_level)
+            blob = encode(np.frombuffer(f.read(nbytes), dtype=np.uint8).reshape(spec.shape))
             info = tarfile.TarInfo(f"class{labels[i]}_seed{seeds[i]}.png")
-            info.size, info.mtime, info.mode = buf.tell(), int(spec.created_at), 0o644
-            buf.seek(0)
-            tar.addfile(info, buf)
+            info.size, info.mtime, info.mode = len(blob), int(spec.created_at), 0o644
+            tar.addfile(info, io.BytesIO(blob))
             yield sink.take()
     yield sink.take()
 

@@ -113,7 +113,7 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
         if isinstance(found, Response):
             return found
         b, path = found
-        return StreamingResponse(batches.tar_chunks(b, path, settings.png_compress_level),
+        return StreamingResponse(batches.tar_chunks(b, path, settings.encode_png),
                                  media_type="application/x-tar",
                                  headers={"Content-Disposition": f'attachment; filename="{b.id}.tar"'})
 

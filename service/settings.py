@@ -202,6 +202,12 @@ class Settings(BaseSettings):
         """Each sample-set volume by name; `default` is batch_dir."""
         return {"default": self.batch_dir, **parse_volumes(self.batch_volumes)}
 
+    def encode_png(self, image) -> bytes:
+        """A uint8 RGB image [H, W, 3] as PNG bytes, written as these settings say (service/png.py)."""
+        from service.png import encode
+
+        return encode(image, self.png_compress_level, self.png_filter, self.png_encoder)
+
     @property
     def profile_opt_rows(self) -> int:
         return self.preferred_batch_size or self.max_batch_size

@@ -5,8 +5,8 @@ admit into free rows -> one forward for all active samples -> enqueue the
 decode of the finished ones in a batch (they may wait up to `max_decode_delay_ms`
 for companions while others are denoising: service.scheduler.DecodeQueue). The
 loop only plans, steps and hands off: a thread pool waits for the decoded uint8
-pixels to reach the host, encodes the PNGs (service/png.py: about 0.7 ms an
-image, compressing without the GIL) and stores each result with one script call
+pixels to reach the host, encodes the PNGs (service/png.py: about 1 ms an
+image; ISA-L compresses without the GIL) and stores each result with one script call
 that also acknowledges the job and sends the PNG to the waiting API process, so
 the accelerator never waits on the host, on deflate or on Redis.
 
@@ -49,7 +49,6 @@ from service import batch_disk, batches, metrics, queue
 from service.capacity import TickModel, row_steps
 from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
 from service.model_watch import ModelWatcher
-from service.png import encode as encode_png
 from service.runner import Decoded
 from service.scheduler import DecodeQueue, Sample, Scheduler
 from service.settings import Settings
@@ -463,7 +462,7 @@ class Worker:
         # API may have keyed the request with a version this worker had not switched to yet.
         key = result_key(version, job.class_id, job.seed, job.preset)
         try:
-            png = encode_png(image, self.s.png_compress_level, self.s.png_filter, self.s.png_encoder)
+            png = self.s.encode_png(image)
             compute_s = sample.compute_s + decode_s
             meta = ResultMeta(
                 queue_ms=round(max(0.0, sample.admitted_at - job.enqueued_at) * 1000, 3),
