@@ -141,7 +141,9 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------
     worker_name: str | None = Field(None, description="Consumer name in the group; default host-pid.")
-    png_threads: int = Field(2, ge=1, description="Threads that encode PNGs off the compute thread.")
+    png_threads: int = Field(
+        2, ge=1, description="Threads that take decoded images off the compute thread: PNG encoding and result storage."
+    )
     png_encoder: Literal["isal", "libdeflate", "zlib"] = Field(
         "isal", description="Deflate library of the PNG writer (service/png.py; bench/png_formats.py measures them)."
     )

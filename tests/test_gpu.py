@@ -179,3 +179,19 @@ def test_compiled_blocks_with_cuda_graphs_match_eager_on_every_bucket(bundle_dir
         got = compiled.velocity(x, t, y)
         assert float((got - ref).abs().max() / ref.abs().max()) < PARITY_REL_TOL["bf16"]
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_decode_async_hands_pinned_images_over_without_blocking(bundle_dir):
+    """Issue 20: the decode's uint8 images and finiteness flags reach pinned host memory through a
+    non-blocking copy; after the mark they equal the synchronous decode, NaN latents flagged."""
+    bundle = load_bundle(bundle_dir)
+    engine = TorchEngine(bundle, "cuda", "fp32", 4)
+    runner = Runner(engine, bundle.stats, bundle.null_class)
+    z = torch.randn((3, *bundle.spec.latent_shape), device="cuda")
+    z[2, 0, 0, 0] = float("nan")
+    decoded = runner.decode_async(list(z))
+    assert decoded.images.is_pinned() and decoded.images.dtype == torch.uint8
+    decoded.wait()
+    assert decoded.finite.tolist() == [True, True, False]
+    images, _ = runner.decode(list(z[:2]))
+    assert (decoded.images[:2].numpy() == images).all()
