@@ -341,7 +341,8 @@ def main(argv=None) -> int:
     log("[one_worker] redis per image: " + json.dumps({k: round(v, 2) for k, v in svc["redis"].items()})
         + f"; PNG {svc['png_bytes_mean'] / 1000:.1f} kB")
     result = {"machine": machine(), "argv": sys.argv[1:], "profile": profile.name, "preset": preset.to_dict(),
-              "max_batch_size": a.max_batch_size, "clients": a.clients, "service_knobs": service_knobs(a), "engine_alone": alone, "service": svc, "ratio": ratio}
+              "max_batch_size": a.max_batch_size, "clients": a.clients, "service_knobs": service_knobs(a),
+              "engine_alone": alone, "service": svc, "ratio": ratio}
     if a.cprofile:
         result["cprofile"] = {role: top_functions(a.cprofile / f"{role}.prof") for role in ("api", "worker")}
         for role, lines in result["cprofile"].items():
