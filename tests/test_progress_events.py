@@ -46,13 +46,15 @@ def read_events(url: str, timeout: float = 120) -> list[tuple[float, str, dict]]
 
 def test_progress_then_done_across_replicas(replicas):
     a, b = replicas
-    job = httpx.post(f"{a.url}/jobs", json={"class_label": 3, "seed": 5, "preset": "long"}).json()
+    # 999 steps: long enough for several progress events (at most 4 a second) however quick the
+    # worker's steps are; 199 steps of the tiny model could finish between two of them.
+    job = httpx.post(f"{a.url}/jobs", json={"class_label": 3, "seed": 5, "preset": "long", "steps": 1000}).json()
     events = read_events(f"{b.url}/jobs/{job['id']}/events")
     kinds = [e for _, e, _ in events]
     assert kinds[-1] == "done" and set(kinds) <= {"queued", "progress", "done"}, kinds
     steps = [d["step"] for _, e, d in events if e == "progress"]
-    assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 199
-    assert all(d["steps"] == 199 and d["id"] == job["id"] for _, e, d in events if e == "progress")
+    assert len(steps) >= 2 and steps == sorted(steps) and steps[-1] < 999
+    assert all(d["steps"] == 999 and d["id"] == job["id"] for _, e, d in events if e == "progress")
     # rate-limited: progress events at most ~5 a second
     times = [t for t, e, _ in events if e == "progress"]
     assert len(times) <= 5 * (times[-1] - times[0]) + 2
