@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.gpu_check import datasheet_peak, utilisation
+from bench.gpu_util import datasheet_peak, utilisation
 from engines.flops import analytic_flops, counted_flops
 from model.lightningdit import lightningdit_config
 
