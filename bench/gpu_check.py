@@ -63,7 +63,7 @@ from model.bundle import load_bundle  # noqa: E402
 from model.sampling import initial_noise, sample  # noqa: E402
 from model.vavae import VAVAE, VAVAE_CONFIGS  # noqa: E402
 
-GPU_TESTS = ("tests/test_engines.py", "tests/test_gpu.py")
+GPU_TESTS = ("tests/test_engines.py", "tests/test_gpu.py", "tests/test_gpu_engine.py")
 
 
 # -- steps (each takes the parsed arguments and a StepResult to save partial results to) -----------

@@ -154,6 +154,18 @@ class DitForward:
             return self.model(x, t, y).float()
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up. cuBLAS keeps a workspace (up to 32 MiB on
+    Hopper) per (handle, stream) for the life of the process: a fresh stream per capture would add one per
+    bucket and per hot swap, memory that no engine's close() can return."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 class CudaGraphRunner:
     """Replays a captured CUDA graph of `fn(x, t, y)` per batch bucket, padding rows to the bucket."""
 
@@ -169,7 +181,7 @@ class CudaGraphRunner:
         t = torch.zeros(rows, device=self.device)
         y = torch.full((rows,), self.null_class, dtype=torch.long, device=self.device)
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream(self.device)
+            side = _warmup_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
                 for _ in range(3):
