@@ -40,8 +40,8 @@ import redis.asyncio as aioredis
 
 from model.sample_sets import ChunkSink, npz_chunks, raw_chunks, sample_index
 from model.sampling import SamplerPreset
-from service import batch_disk
-from service.jobs import GROUP, Job, Keys, result_key
+from service.batches import disk as batch_disk
+from service.store.jobs import GROUP, Job, Keys, result_key
 
 log = logging.getLogger("ldit.batches")
 
@@ -142,7 +142,7 @@ class BatchSpec:
     model_version: str
     created_at: float
     volume: str = "default"  # which of LDIT_BATCH_VOLUMES holds its file
-    owner: str = ""  # the API key that made it (service/auth.py); "" with keys off
+    owner: str = ""  # the API key that made it (service/http/auth.py); "" with keys off
 
     @property
     def total(self) -> int:

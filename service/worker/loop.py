@@ -3,7 +3,7 @@
 Loop: reclaim jobs of silent workers -> read new jobs -> drop expired ones ->
 admit into free rows -> one forward for all active samples -> enqueue the
 decode of the finished ones in a batch (they may wait up to `max_decode_delay_ms`
-for companions while others are denoising: service.scheduler.DecodeQueue). The
+for companions while others are denoising: service.worker.scheduler.DecodeQueue). The
 loop only plans, steps and hands off: a thread pool waits for the decoded uint8
 pixels to reach the host, encodes the PNGs (service/png.py: about 1 ms an
 image; ISA-L compresses without the GIL) and stores each result with one script call
@@ -12,9 +12,9 @@ the accelerator never waits on the host, on deflate or on Redis.
 
 Two streams: interactive requests, and the jobs of sample sets (POST /batches),
 which a worker reads only when the interactive stream has nothing for it and
-runs only while no interactive sample is active (service/scheduler.py). A
+runs only while no interactive sample is active (service/worker/scheduler.py). A
 sample-set image goes to its set's file and is counted in one Lua call
-(service/batches.py) instead of the result cache.
+(service/batches/sets.py) instead of the result cache.
 
 A job is acknowledged (and deleted from the stream) only after its result is
 stored, in one MULTI/EXEC. Jobs this worker holds are re-claimed to itself
@@ -26,7 +26,7 @@ The heartbeat is written only while the loop ticks: a loop stuck for longer than
 `heartbeat_ttl_s` withdraws it (readiness fails, and held jobs are no longer kept
 from the other workers). The loop survives a deleted stream or consumer group by
 creating it again. Each heartbeat carries the measured tick time against rows per
-forward (service/capacity.py), from which the API's admission estimates how long
+forward (service/store/capacity.py), from which the API's admission estimates how long
 the work ahead will take.
 """
 
@@ -45,13 +45,16 @@ import numpy as np
 import redis
 
 from model.sampling import SamplerPreset
-from service import batch_disk, batches, metrics, queue
-from service.capacity import TickModel, row_steps
-from service.jobs import GROUP, Job, Keys, ResultMeta, result_key
+from service import metrics
+from service.batches import disk as batch_disk
+from service.batches import sets as batches
 from service.model_watch import ModelWatcher
-from service.runner import Decoded
-from service.scheduler import DecodeQueue, Sample, Scheduler
 from service.settings import Settings
+from service.store import scripts
+from service.store.capacity import TickModel, row_steps
+from service.store.jobs import GROUP, Job, Keys, ResultMeta, result_key
+from service.worker.runner import Decoded
+from service.worker.scheduler import DecodeQueue, Sample, Scheduler
 
 log = logging.getLogger("ldit.worker")
 
@@ -107,9 +110,9 @@ class Worker:
         self._last_tick = time.monotonic()  # the loop's pulse, read by the heartbeat thread
         self.ticks = TickModel(settings.max_batch_size)
         self.ready = threading.Event()  # set after the first heartbeat
-        self._end_script = r.register_script(queue.END)
-        self._release_script = r.register_script(queue.RELEASE)
-        self._reconcile_script = r.register_script(queue.RECONCILE)
+        self._end_script = r.register_script(scripts.END)
+        self._release_script = r.register_script(scripts.RELEASE)
+        self._reconcile_script = r.register_script(scripts.RECONCILE)
 
     # -- the loop ---------------------------------------------------------------------
     def _ensure_group(self) -> bool:
@@ -191,7 +194,7 @@ class Worker:
     def _publish_progress(self) -> None:
         """Step k of N of every active sample: one message for all of them, at most every 0.25 s.
 
-        The API processes relay it to their Server-Sent Events clients (service/events.py)."""
+        The API processes relay it to their Server-Sent Events clients (service/store/progress.py)."""
         now = time.monotonic()
         if not self.scheduler.active or now - self._last_progress < PROGRESS_INTERVAL_S:
             return
@@ -575,7 +578,7 @@ class Worker:
         self._retrying(lambda: self._end_script(
             keys=[self.keys.job(job.id), self.keys.stream, self.keys.work, self.keys.inflight(job.key), result_key_],
             args=[job.stream_id, GROUP, self.s.result_ttl_s, job.id, job.reply_to, self.keys.prefix,
-                  queue.as_json(status), self.keys.events, png, status.get("meta", "")]))
+                  scripts.as_json(status), self.keys.events, png, status.get("meta", "")]))
 
     # -- endings other than success ------------------------------------------------------
     def _fail(self, job: Job, reason: str, message: str) -> None:
@@ -600,7 +603,7 @@ class Worker:
                 pipe.execute()
             else:
                 self._release_script(keys=[self.keys.job(job.id), self.keys.stream, self.keys.work],
-                                     args=[job.stream_id, GROUP, queue.as_json(job.to_fields()), job.cost])
+                                     args=[job.stream_id, GROUP, scripts.as_json(job.to_fields()), job.cost])
         if jobs:
             log.info("released jobs", extra={"count": len(jobs)})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from service.schemas import ErrorBody
+from service.http.schemas import ErrorBody
 
 # Errors any protected route may answer: auth, rate limit / full queue, bad input, too large.
 ERRORS = {code: {"model": ErrorBody} for code in (401, 413, 422, 429)}

@@ -20,22 +20,18 @@ from redis.exceptions import BusyLoadingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service import batch_upkeep, batches, metrics
-from service.access_log import AccessLog
-from service.admission import Admission, Verdict
-from service.auth import AuthError, DocsGuard, Guard
-from service.batches_api import add_batch_routes, background
-from service.capacity import row_steps
-from service.connections import async_client
-from service.docs_ui import mount_docs
-from service.errors import ERRORS, error
-from service.events import EventHub
-from service.events_api import add_event_routes
-from service.heartbeats import live_workers, read_fleet
-from service.jobs import Job, Keys, ResultMeta, result_key
-from service.limits import BodySizeLimit
-from service.model_watch import ModelWatcher
-from service.schemas import (
+from service import metrics
+from service.batches import sets as batches
+from service.batches import upkeep as batch_upkeep
+from service.http.access_log import AccessLog
+from service.http.admission import Admission, Verdict
+from service.http.auth import AuthError, DocsGuard, Guard
+from service.http.docs_ui import mount_docs
+from service.http.errors import ERRORS, error
+from service.http.limits import BodySizeLimit
+from service.http.routes.batches import add_batch_routes, background
+from service.http.routes.events import add_event_routes
+from service.http.schemas import (
     ApiView,
     ErrorBody,
     FieldError,
@@ -48,8 +44,14 @@ from service.schemas import (
     resolve_class,
     resolve_preset,
 )
+from service.http.waiter import ResultWaiter
+from service.model_watch import ModelWatcher
 from service.settings import Settings
-from service.waiter import ResultWaiter
+from service.store.capacity import row_steps
+from service.store.connections import async_client
+from service.store.heartbeats import live_workers, read_fleet
+from service.store.jobs import Job, Keys, ResultMeta, result_key
+from service.store.progress import EventHub
 
 log = logging.getLogger("ldit.api")
 
@@ -125,7 +127,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
 
     app = FastAPI(title="LightningDiT service", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional image generation with LightningDiT + VA-VAE.",
-                  docs_url=None, redoc_url=None)  # served below from local assets (service/docs_ui.py)
+                  docs_url=None, redoc_url=None)  # served below from local assets (service/http/docs_ui.py)
     app.router.route_class = JsonRoute
     mount_docs(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.header_timeout_s)
@@ -199,7 +201,7 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
         return png, ResultMeta.from_json(meta)
 
     async def enqueue(request: Request, job: Job, endpoint: str, caller: str) -> Verdict | JSONResponse:
-        """Admit the job (service/admission.py), or the refusal to answer with."""
+        """Admit the job (service/http/admission.py), or the refusal to answer with."""
         fields = {"status": "queued", "key": job.key, "seed": job.seed, "enqueued_at": repr(job.enqueued_at),
                   "owner": auth.owner(caller)}
         verdict = await request.app.state.admission.admit(job, fields, need_worker=endpoint == "generate")
