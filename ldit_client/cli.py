@@ -149,7 +149,7 @@ def sample(client: Client, classes: str, per_class: int | None, seed_start: int,
             batch_id = accepted["id"]
             click.echo(f"set {batch_id}: {accepted['total']} images; resume with: "
                        f"ldit sample --resume {batch_id} -o {out}", err=True)
-            status = client.json("GET", f"/batches/{batch_id}")
+            status = None
     except ApiError as err:
         fail(str(err))
     try:
@@ -182,8 +182,10 @@ def parse_classes(text: str):
     return out
 
 
-def follow(client: Client, batch_id: str, status: dict, poll: float) -> dict:
+def follow(client: Client, batch_id: str, status: dict | None, poll: float) -> dict:
     """Poll the set's progress into a bar until it stops running; its last status."""
+    if status is None:
+        status = client.json("GET", f"/batches/{batch_id}")
     with bar(total=status["total"], initial=status["done"], unit="img", desc=f"set {batch_id[:12]}",
              smoothing=0.3) as pbar:
         while True:
