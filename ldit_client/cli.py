@@ -133,28 +133,31 @@ def out_path(out: Path | None, label: str, seed: int, fmt: str, many: bool) -> P
 def sample(client: Client, classes: str, per_class: int | None, seed_start: int, out: Path, resume_id: str | None,
            on_interrupt: str, poll: float, volume: str | None, preset, steps, cfg_scale) -> None:
     """Make a sample set on the service (POST /batches), follow it, and download its .npz."""
+    batch_id = resume_id
     try:
-        if resume_id:
-            status = client.json("GET", f"/batches/{resume_id}")
-            batch_id = resume_id
-            click.echo(f"resuming set {batch_id}: {status['done']} of {status['total']} images done", err=True)
-        else:
-            if per_class is None:
-                fail("--per-class is required for a new set (or give --resume ID)", 2)
-            body = {"classes": parse_classes(classes), "per_class": per_class, "seed_start": seed_start,
-                    **sampler_body(preset, steps, cfg_scale)}
-            if volume:
-                body["volume"] = volume
-            accepted = client.json("POST", "/batches", json=body)
-            batch_id = accepted["id"]
-            click.echo(f"set {batch_id}: {accepted['total']} images; resume with: "
-                       f"ldit sample --resume {batch_id} -o {out}", err=True)
-            status = None
-    except ApiError as err:
-        fail(str(err))
-    try:
+        try:
+            if resume_id:
+                status = client.json("GET", f"/batches/{resume_id}")
+                click.echo(f"resuming set {batch_id}: {status['done']} of {status['total']} images done", err=True)
+            else:
+                if per_class is None:
+                    fail("--per-class is required for a new set (or give --resume ID)", 2)
+                body = {"classes": parse_classes(classes), "per_class": per_class, "seed_start": seed_start,
+                        **sampler_body(preset, steps, cfg_scale)}
+                if volume:
+                    body["volume"] = volume
+                accepted = client.json("POST", "/batches", json=body)
+                batch_id = accepted["id"]
+                click.echo(f"set {batch_id}: {accepted['total']} images; resume with: "
+                           f"ldit sample --resume {batch_id} -o {out}", err=True)
+                status = None
+        except ApiError as err:
+            fail(str(err))
         status = follow(client, batch_id, status, poll)
     except KeyboardInterrupt:
+        if batch_id is None:  # stopped before the service answered POST /batches
+            click.echo("\ninterrupted before the set was made", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         interrupted(client, batch_id, out, on_interrupt)
     except ApiError as err:
         fail(f"{err} (set {batch_id}; resume with: ldit sample --resume {batch_id} -o {out})")

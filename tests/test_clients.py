@@ -354,10 +354,11 @@ def test_ldit_sample_writes_the_sets_npz(cluster, http, tmp_path):
 
 def test_ldit_sample_interrupt_leave_then_resume_with_bars_on_a_terminal(cluster, http, tmp_path):
     api, _ = cluster
-    term = Pty([str(LDIT), "sample", "--classes", "all", "--per-class", "20", "--steps", "60", "-o", "part.npz",
+    # 40 images of 29 steps, 8 at a time (16 rows a forward): several seconds, finished in waves
+    term = Pty([str(LDIT), "sample", "--classes", "all", "--per-class", "4", "--steps", "30", "-o", "part.npz",
                 "--poll", "0.2"], ldit_env(api.url), tmp_path)
-    batch_id = term.read_until(r"set (b\w+): 200 images").group(1).decode()
-    term.read_until(r"set b\w{0,12}: +\d+%\|.*\| *[1-9]\d*/200 \[")  # the bar, with progress drawn
+    batch_id = term.read_until(r"set (b\w+): 40 images").group(1).decode()
+    term.read_until(r"set b\w{0,12}: +\d+%\|.*\| *[1-9]\d*/40 \[")  # the bar, with progress drawn
     term.proc.send_signal(signal.SIGINT)  # Ctrl-C
     term.read_until(r"Cancel set b\w+ .* or leave it running\?")
     term.write("leave\n")
@@ -372,12 +373,12 @@ def test_ldit_sample_interrupt_leave_then_resume_with_bars_on_a_terminal(cluster
                ldit_env(api.url), tmp_path)
     assert term.wait(600) == 0, term.out[-2000:]
     out = term.out.decode(errors="replace")
-    assert f"resuming set {batch_id}" in out and "download" in out and "wrote resumed.npz (200 images" in out
+    assert f"resuming set {batch_id}" in out and "download" in out and "wrote resumed.npz (40 images" in out
     with np.load(tmp_path / "resumed.npz") as z:
         arr, labels = z["arr_0"], z["arr_1"]
     want_arr, want_labels = npz_of(http, batch_id)
     assert np.array_equal(arr, want_arr) and np.array_equal(labels, want_labels)
-    assert labels.tolist() == [c for c in range(10) for _ in range(20)]
+    assert labels.tolist() == [c for c in range(10) for _ in range(4)]
 
 
 def test_ldit_sample_interrupt_cancel_deletes_the_set(cluster, http, tmp_path):
@@ -396,10 +397,10 @@ def test_ldit_sample_interrupt_cancel_deletes_the_set(cluster, http, tmp_path):
 
 def test_ldit_watch_draws_the_steps_and_downloads(cluster, http, tmp_path):
     api, _ = cluster
-    job = http.post("/jobs", json={"class_label": "8", "seed": 5, "steps": 200}).json()
+    job = http.post("/jobs", json={"class_label": "8", "seed": 5, "steps": 60}).json()
     term = Pty([str(LDIT), "watch", job["id"], "-o", "eight.png"], ldit_env(api.url), tmp_path)
     assert term.wait(300) == 0, term.out[-2000:]
     out = term.out.decode(errors="replace")
-    assert re.search(r"\d+/199 \[", out), out[-1500:]  # the step bar (200 grid points: 199 steps)
+    assert re.search(r"\d+/59 \[", out), out[-1500:]  # the step bar (60 grid points: 59 steps)
     assert f"job {job['id']} done" in out and "wrote eight.png" in out
     assert (tmp_path / "eight.png").read_bytes() == http.get(job["image_url"]).content

@@ -19,16 +19,9 @@ from fastapi.responses import JSONResponse
 
 from service.http.errors import openai_error
 from service.http.generation import Generator, Made, Refusal, format_fields
+from service.http.openai_schemas import ImageData, ImagesRequest, ImagesResponse, OpenAIError
 from service.http.routes.system import served_resolution
-from service.http.schemas import (
-    MAX_SEED,
-    FieldError,
-    ImageData,
-    ImagesRequest,
-    ImagesResponse,
-    OpenAIError,
-    resolve_class,
-)
+from service.http.schemas import MAX_SEED, FieldError, resolve_class
 from service.image_formats import OutputFormat
 from service.model_watch import ModelWatcher
 from service.settings import Settings
