@@ -68,7 +68,8 @@ def openai_invalid(exc: RequestValidationError) -> JSONResponse:
         return openai_error(400, f"Unknown parameter: '{param}'.", param, "unknown_parameter")
     if kind == "missing":
         return openai_error(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-    return openai_error(400, f"Invalid value for '{param}': {e.get('msg', 'invalid')}.", param, "invalid_value")
+    message = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+    return openai_error(400, f"Invalid value for '{param}': {message}.", param, "invalid_value")
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -3,13 +3,28 @@ API's request, response and error, as far as a class-conditional model allows (d
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictBool, StrictStr
+from pydantic import BaseModel, BeforeValidator, Field, StrictStr
 
 from service.http.schemas import MAX_SEED, SamplerChoice, json_int, numeric_int
 
 IGNORED = "Accepted and ignored"
+
+
+def refusing(refused, why: str) -> BeforeValidator:
+    """Values of an OpenAI field this service cannot honour, refused with the reason. The schema
+    publishes the values that are accepted, so a refused one is schema-invalid as well."""
+    def check(value):
+        if refused(value):
+            raise ValueError(why)
+        return value
+    return BeforeValidator(check)
+
+
+def gif_or_svg_only(what: str) -> BeforeValidator:
+    return refusing(lambda v: v is not None, f"applies to {what} output, which this service does not make "
+                                               "(png, webp, jpeg)")
 
 
 class ImagesRequest(SamplerChoice):
@@ -37,13 +52,19 @@ class ImagesRequest(SamplerChoice):
     style: Literal["vivid", "natural"] | None = Field(None, description=f"{IGNORED}: a class has no style.")
     moderation: Literal["low", "auto"] | None = Field(None, description=f"{IGNORED}: nothing to moderate.")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description=f"{IGNORED}.")
-    background: Literal["transparent", "opaque", "auto"] | None = Field(None, description=(
-        "auto or opaque (the images are opaque); transparent is refused."))
-    stream: StrictBool | None = Field(None, description="false only: streaming (partial images) is refused.")
-    partial_images: json_int(ge=0, le=3) | None = Field(None, description="0 only (no streaming).")
-    frame_count: json_int() | None = Field(None, description="Refused: GIF output only.")
-    frame_duration_ms: json_int() | None = Field(None, description="Refused: GIF output only.")
-    svg: dict | None = Field(None, description="Refused: SVG output only.")
+    background: Annotated[Literal["opaque", "auto"] | None, refusing(
+        lambda v: v == "transparent", "'transparent' is not supported: this model's images are opaque")] = Field(
+        None, description="auto or opaque (the images are opaque); transparent is refused.")
+    stream: Annotated[Literal[False] | None, refusing(
+        lambda v: v is True, "streaming is not supported: leave stream unset or false")] = Field(
+        None, description="false only: streaming (partial images) is refused.")
+    partial_images: Annotated[json_int(ge=0, le=0) | None, refusing(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 3,
+        "partial images need streaming, which is not supported: use 0 or leave it unset")] = Field(
+        None, description="0 only (no streaming).")
+    frame_count: Annotated[None, gif_or_svg_only("GIF")] = Field(None, description="Refused: GIF output only.")
+    frame_duration_ms: Annotated[None, gif_or_svg_only("GIF")] = Field(None, description="Refused: GIF output only.")
+    svg: Annotated[None, gif_or_svg_only("SVG")] = Field(None, description="Refused: SVG output only.")
     seed: numeric_int(ge=0, lt=MAX_SEED) | None = Field(None, description=(
         "Extension: seed of the first image (image i: seed + i). Default: a random seed, returned in `data[].seed`."))
 

@@ -32,20 +32,6 @@ OPENAI_ERRORS = {code: {"model": OpenAIError} for code in (400, 401, 413, 429, 5
 ENDPOINT = "images"  # the metrics' endpoint label
 
 
-def refusal_of(req: ImagesRequest) -> tuple[str, str] | None:
-    """(param, message) of an OpenAI field this service cannot honour, or None."""
-    if req.background == "transparent":
-        return "background", "background 'transparent' is not supported: this model's images are opaque"
-    if req.stream:
-        return "stream", "streaming is not supported: leave stream unset or false"
-    if req.partial_images:
-        return "partial_images", "partial images need streaming, which is not supported: use 0 or leave it unset"
-    for name, what in (("frame_count", "GIF"), ("frame_duration_ms", "GIF"), ("svg", "SVG")):
-        if getattr(req, name) is not None:
-            return name, f"{name} applies to {what} output, which this service does not make (png, webp, jpeg)"
-    return None
-
-
 def add_openai_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, gen: Generator,
                       guard, read_job) -> None:
     """`gen`: the Generator of /generate (service/http/routes/jobs.py); `read_job(r, job_id, caller)`."""
@@ -58,9 +44,6 @@ def add_openai_routes(app: FastAPI, settings: Settings, keys: Keys, model: Model
         `prompt`: a class name, synonym or id; `n` seeds (`seed`, `seed` + 1, ...) in one batch;
         `response_format` b64_json or url (/jobs/{id}/image); `output_format` png, webp or jpeg.
         Errors: `{"error": {"message", "type", "param", "code"}}` (400 for bad input)."""
-        refused = refusal_of(req)
-        if refused:
-            return openai_error(400, refused[1], refused[0], "unsupported_value")
         model.poll()
         spec = model.spec
         try:
