@@ -140,6 +140,9 @@ def test_openai_sdk_bad_key_is_an_authentication_error(cluster):
     ({"extra_body": {"negative_prompt": "x"}}, "negative_prompt", "Unknown parameter"),
     ({"extra_body": {"steps": 1}}, "steps", "greater than or equal to 2"),
     ({"extra_body": {"preset": "nope"}}, "preset", "unknown preset"),
+    ({"extra_body": {"stream": True}}, "stream", "streaming is not supported"),
+    ({"extra_body": {"partial_images": 2}}, "partial_images", "need streaming"),
+    ({"extra_body": {"frame_count": 4}}, "frame_count", "GIF output"),
 ])
 def test_openai_sdk_refuses_what_does_not_apply(sdk, kwargs, param, says):
     with pytest.raises(openai.BadRequestError) as caught:
