@@ -400,10 +400,10 @@ def test_ldit_sample_interrupt_cancel_deletes_the_set(cluster, http, tmp_path):
 
 def test_ldit_watch_draws_the_steps_and_downloads(cluster, http, tmp_path):
     api, _ = cluster
-    job = http.post("/jobs", json={"class_label": "8", "seed": 5, "steps": 60}).json()
+    job = http.post("/jobs", json={"class_label": "8", "seed": 5, "steps": 120}).json()  # seconds: watched mid-way
     term = Pty([str(LDIT), "watch", job["id"], "-o", "eight.png"], ldit_env(api.url), tmp_path)
     assert term.wait(300) == 0, term.out[-2000:]
     out = term.out.decode(errors="replace")
-    assert re.search(r"\d+/59 \[", out), out[-1500:]  # the step bar (60 grid points: 59 steps)
+    assert re.search(r"\d+/119 \[", out), out[-1500:]  # the step bar (120 grid points: 119 steps)
     assert f"job {job['id']} done" in out and "wrote eight.png" in out
     assert (tmp_path / "eight.png").read_bytes() == http.get(job["image_url"]).content
