@@ -3,7 +3,8 @@
 A job travels as the fields of one Redis Stream entry. Its status lives in a
 hash `<p>:job:<id>`; its image in `<p>:result:<key>` where `key` is a content
 address (model version, class, seed, sampler settings), so identical requests
-share one result. Every key expires after `result_ttl_s`.
+share one result; the same image in WebP or JPEG is kept beside it in
+`<p>:result:<key>:<format tag>` once asked for. Every key expires after `result_ttl_s`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class Keys:
     def result(self, key: str) -> str:
         return f"{self.prefix}:result:{key}"
 
+    def result_format(self, key: str, tag: str) -> str:
+        """The result `key` encoded as another format (service/image_formats.py: `OutputFormat.tag`)."""
+        return f"{self.prefix}:result:{key}:{tag}"
+
     def notify(self, api_id: str) -> str:
         return f"{self.prefix}:notify:{api_id}"
 
@@ -78,12 +83,12 @@ class Keys:
 
     @property
     def workers(self) -> str:
-        """Hash of worker heartbeats: name -> JSON (service/heartbeats.py)."""
+        """Hash of worker heartbeats: name -> JSON (service/store/heartbeats.py)."""
         return f"{self.prefix}:workers"
 
     @property
     def work(self) -> str:
-        """Row-steps of the jobs in the stream (service/queue.py)."""
+        """Row-steps of the jobs in the stream (service/store/scripts.py)."""
         return f"{self.prefix}:work"
 
     def inflight(self, key: str) -> str:
@@ -107,7 +112,7 @@ class Job:
     reply_to: str = ""  # pub/sub channel of the waiting API process ("" for async jobs)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
-    cost: int = 0  # row-steps (service/capacity.py)
+    cost: int = 0  # row-steps (service/store/capacity.py)
     stream_id: str = ""  # set when read from the stream
     deliveries: int = 1
     batch: str = ""  # the sample set this job is image `index` of ("" for interactive requests)
