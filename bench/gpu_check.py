@@ -255,21 +255,10 @@ def step_pytest_gpu(a, saver) -> dict:
 
 
 def step_summary(a, saver) -> dict:
-    """summary.json from the kit's steps.jsonl: every step's result, exit code and whether its cap killed it."""
-    summary: dict = {"dry_run": a.dry_run, "steps": {}, "exit_codes": {}, "timed_out": [], "seconds": {}}
-    for line in a.steps.read_text().splitlines() if a.steps and a.steps.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            summary.setdefault("unreadable_lines", []).append(f"{err}: {line[:200]}")
-            continue
-        name = entry["step"]
-        summary["steps"][name] = entry.get("result")
-        summary["exit_codes"][name] = entry["exit"]
-        summary["seconds"][name] = entry.get("seconds")
-        if entry.get("timed_out"):
-            summary["timed_out"].append(name)
-    return summary
+    """summary.json from the kit's steps.jsonl (the kit itself runs bench/kit_summary.py: no torch import)."""
+    from bench.kit_summary import summarize
+
+    return summarize(a.steps, a.dry_run)
 
 
 STEPS = {"env": step_env, "pytest_gpu": step_pytest_gpu, "xl": step_xl, "xl_compiled": step_xl_compiled,

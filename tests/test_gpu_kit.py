@@ -84,3 +84,20 @@ def test_dry_run_leaves_one_json_line_per_step_even_for_killed_steps(tmp_path):
     assert fused["compile_s"] > 0 and fused["rows2"]["finite"]
     assert 0 < fused["rows2"]["rel_err_vs_fp32"] < PARITY_REL_TOL["bf16"]
     assert fused["recipe"]["images"] == 4
+
+
+def test_the_summary_starts_without_torch(tmp_path: Path) -> None:
+    """Regression (H200, 2026-12-04): the summary paid torch's import inside its 5 s cap and was killed."""
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text('{"step": "env", "exit": 0, "timed_out": false, "seconds": 3, "result": {"gpu": "x"}}\n'
+                     '{"step": "xl", "exit": 124, "timed_out": true, "seconds": 100, "result": null}\n')
+    code = ("import sys, runpy; sys.argv = ['kit_summary', sys.argv[1], sys.argv[2]]\n"
+            "try:\n    runpy.run_module('bench.kit_summary', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(steps), str(tmp_path / "summary.json")], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "False"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["exit_codes"] == {"env": 0, "xl": 124} and summary["timed_out"] == ["xl"]
+    assert summary["steps"]["env"] == {"gpu": "x"}
+    assert "bench.kit_summary" in (REPO / "scripts/gpu_check.sh").read_text()
