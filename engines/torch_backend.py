@@ -194,6 +194,11 @@ class TorchEngine(Engine):
             self.graphs.capture_all()
         super().warmup()
 
+    def computed_rows(self, rows: int) -> int:
+        if self.graphs is None:
+            return rows
+        return sum(next(b for b in self.graphs.buckets if b >= n) for n in self.chunks(rows, self.max_rows))
+
     @torch.inference_mode()
     def velocity(self, x, t, y):
         x, t, y = x.to(self.dev, torch.float32), t.to(self.dev, torch.float32), y.to(self.dev, torch.long)

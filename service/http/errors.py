@@ -67,6 +67,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BusyLoadingError)
     async def on_redis_down(request: Request, exc: Exception):
         log.warning("redis unavailable: %r", exc)
+        metrics.REDIS_ERRORS.labels("api").inc()
+        metrics.REDIS_UP.set(0)
         return error(503, "unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)

@@ -138,6 +138,7 @@ def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWat
                 reply = await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
             except asyncio.TimeoutError:
                 metrics.REQUEST_FAILURE.labels("generate", "timeout").inc()
+                metrics.REQUEST_DURATION.observe(time.perf_counter() - start)  # the p99 alert counts timeouts too
                 return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
         finally:
             waiter.forget(job.id)
@@ -147,6 +148,8 @@ def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWat
             return png_response(reply.png, ResultMeta.from_json(reply.status["meta"]), job.id, job.seed, cached=False)
         record = await job_record(r, job.id, caller)
         if record is None or record[0].status != "done":
+            if record is not None and record[0].error == "timeout":  # past its deadline: a latency, too
+                metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
             return failure_response(record[0] if record else JobStatus(id=job.id, status="failed", error="lost"),
                                     "generate")
         hit = await cached(r, record[1]["key"])  # the worker's key: the version that really made it
