@@ -124,7 +124,8 @@ validate_manifests() {
     kind="$(grep -m1 '^kind:' "$f" | awk '{print $2}')"
     api="$(grep -m1 '^apiVersion:' "$f" | awk '{print $2}')"
     case "$kind@$api" in
-      ScaledObject@keda.sh/v1alpha1 | TriggerAuthentication@keda.sh/v1alpha1 | ServiceMonitor@monitoring.coreos.com/v1)
+      ScaledObject@keda.sh/v1alpha1 | TriggerAuthentication@keda.sh/v1alpha1 | ServiceMonitor@monitoring.coreos.com/v1 \
+        | PrometheusRule@monitoring.coreos.com/v1)
         echo "  SKIP (CRD, no schema in kubernetes-validate): $kind $api ${f#"$RENDER_DIR"/}" ;;
       *)
         echo "  unexpected custom resource $kind $api in ${f#"$RENDER_DIR"/}"; ok=1 ;;

@@ -11,6 +11,7 @@ they skip with the reason, except under CI=true, where they fail: CI always make
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -227,10 +228,16 @@ def one(docs: list[dict], kind: str, suffix: str) -> dict:
     return found[0]
 
 
+def settings_configmap(docs: list[dict]) -> dict:
+    """The ConfigMap of LDIT_ settings (the other one, with dashboards.enabled, holds the dashboard)."""
+    cms = [cm for cm in objects(docs, "ConfigMap").values()
+           if cm["metadata"]["labels"].get("app.kubernetes.io/component") != "dashboards"]
+    assert len(cms) == 1, [cm["metadata"]["name"] for cm in cms]
+    return cms[0]
+
+
 def configmap_env(docs: list[dict]) -> dict[str, str]:
-    cms = objects(docs, "ConfigMap")
-    assert len(cms) == 1, list(cms)
-    return next(iter(cms.values()))["data"]
+    return settings_configmap(docs)["data"]
 
 
 def pod_spec(docs: list[dict], component: str) -> dict:
@@ -292,7 +299,7 @@ def test_chart_worker_requests_a_gpu(rendered: dict) -> None:
 def test_chart_commands_match_the_local_mode(rendered: dict, value_set: str) -> None:
     docs = rendered[value_set]
     env = configmap_env(docs)
-    cm_name = next(iter(objects(docs, "ConfigMap")))
+    cm_name = settings_configmap(docs)["metadata"]["name"]
     api = pod_spec(docs, "api")
     worker = pod_spec(docs, "worker")
     assert api["containers"][0]["command"] == API_CMD
@@ -372,3 +379,24 @@ def test_chart_redis_bundled_and_external(rendered: dict) -> None:
     volumes = {v["name"]: v for v in pod_spec(external, "api")["volumes"]}
     assert volumes["redis-password"]["secret"]["secretName"] == "redis-credentials"
     assert configmap_env(external)["LDIT_API_KEYS_FILE"] != ""
+
+
+def test_chart_dashboard_configmap_and_prometheus_rule(rendered: dict) -> None:
+    """dashboards.enabled and prometheusRule.enabled (the gpu-keda-redis example): the dashboard JSON and the
+    rules file of the chart, unchanged, in a ConfigMap labelled for the Grafana sidecar and a PrometheusRule."""
+    docs = rendered["gpu-keda-redis"]
+    (cm,) = [d for d in objects(docs, "ConfigMap").values()
+             if d["metadata"]["labels"].get("app.kubernetes.io/component") == "dashboards"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LightningDiT"}
+    assert json.loads(cm["data"]["lightningdit.json"]) == json.loads((CHART / "dashboards" / "lightningdit.json").read_text())
+    rule = one(docs, "PrometheusRule", "-lightningdit")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == yaml.safe_load((CHART / "rules" / "lightningdit.rules.yaml").read_text())
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) >= 7 and all(isinstance(r["expr"], str) for g in rule["spec"]["groups"] for r in g["rules"])
+    for value_set in VALUE_SETS:
+        if value_set != "gpu-keda-redis":
+            assert not objects(rendered[value_set], "PrometheusRule"), value_set
+            assert len(objects(rendered[value_set], "ConfigMap")) == 1, value_set
