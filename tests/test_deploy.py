@@ -150,6 +150,30 @@ def test_compose_startup_order_and_shutdown() -> None:
         assert "test" in services[name]["healthcheck"], name
 
 
+def test_compose_monitoring_profile_uses_the_charts_rules_and_dashboard() -> None:
+    """Profile `monitoring`: Prometheus with the chart's rules directory, Grafana provisioned with its dashboard
+    directory; both pinned, neither started without the profile."""
+    services = compose()["services"]
+    prom, grafana = services["prometheus"], services["grafana"]
+    assert prom["profiles"] == grafana["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"prom/prometheus:v3\.\d+\.\d+", prom["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
+    assert "./helm/lightningdit/rules:/etc/prometheus/rules:ro" in prom["volumes"]
+    assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["rules/*.yaml"]
+    targets = {(d["names"][0], d["port"]) for job in config["scrape_configs"] for d in job.get("dns_sd_configs", [])}
+    assert targets == {("api", 8000), ("worker", int(services["worker"]["expose"][0])), ("local", 8000)}
+    provider = yaml.safe_load((ROOT / "monitoring" / "grafana" / "provisioning" / "dashboards" / "lightningdit.yaml")
+                              .read_text())["providers"][0]
+    mount = f"./helm/lightningdit/dashboards:{provider['options']['path']}:ro"
+    assert mount in grafana["volumes"]
+    assert "./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    source = yaml.safe_load((ROOT / "monitoring" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")
+                            .read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+
+
 # --- Dockerfile ------------------------------------------------------------------------------
 def test_dockerfile_targets_user_healthcheck_volumes() -> None:
     text = DOCKERFILE.read_text()
