@@ -67,6 +67,7 @@ class Worker:
         self.load_model = load_model
         metrics.init_role("worker", settings.request_timeout_s)
         self.runner, spec, self.version, self.engine_info = load_model()
+        self._computed_rows = self.runner.engine.computed_rows  # rows a forward really costs (padding metric)
         self.name = settings.worker_name or default_worker_name()
         self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching,
                                    device=self.runner.engine.device)
@@ -223,6 +224,7 @@ class Worker:
             runner, spec, version, info = self._swap
             old, self._swap = self.version, None
             self.runner, self.version, self.engine_info = runner, version, info
+            self._computed_rows = runner.engine.computed_rows
             self.scheduler.latent_shape = spec.latent_shape
             self.scheduler.device = runner.engine.device
             log.warning("switched model", extra={"from": old, "to": version})
@@ -273,7 +275,7 @@ class Worker:
             self._busy_s += seconds
         metrics.EXEC_COUNT.inc()
         metrics.ROWS_PER_FORWARD.observe(plan.rows)
-        metrics.PADDING_ROWS.inc(self.runner.engine.computed_rows(plan.rows) - plan.rows)
+        metrics.PADDING_ROWS.inc(self._computed_rows(plan.rows) - plan.rows)
         metrics.BATCH_SIZE.observe(len(plan.samples))
         self.decodes.add(self.scheduler.commit(plan, x_next, seconds))
         self._decode_due()
