@@ -12,6 +12,9 @@ end, then through Prometheus's HTTP API:
 * every alert rule's expression parses, every metric it reads exists, and Prometheus loaded the
   rules file itself and evaluates every rule without error (health "ok"); none fires on a healthy,
   loaded service.
+
+Before the load, one request and two scrapes: the per-route series exist, as on a running service
+(a counter's first sample is rate()'s baseline). No timed assertion: every wait polls a condition.
 """
 
 from __future__ import annotations
@@ -142,6 +145,15 @@ def loaded(tmp_path_factory):
         def generate(seed: int) -> int:
             return client.post("/generate", json={"class_label": seed % 10, "seed": seed}).status_code
 
+        def two_more_scrapes() -> None:
+            for job in ("lightningdit-api", "lightningdit-worker"):
+                scrapes = prom.value(f'count_over_time(up{{job="{job}"}}[1h])')
+                prom.wait_for(f'count_over_time(up{{job="{job}"}}[1h]) >= {scrapes + 2}', f"two more scrapes of {job}")
+
+        # A service in steady state: its per-route series exist before the load (a counter's first
+        # sample is its baseline, so rate() sees only what comes after it).
+        assert generate(GENERATE + 100) == 200
+        two_more_scrapes()
         with ThreadPoolExecutor(6) as pool:
             codes = list(pool.map(generate, range(GENERATE)))
         assert codes == [200] * GENERATE
@@ -157,11 +169,12 @@ def loaded(tmp_path_factory):
                 break
             assert time.time() < deadline, (states, set_state)
             time.sleep(0.2)
-        images = GENERATE + JOBS + SET_IMAGES
-        # Prometheus has scraped the end of the load (and the API its sample-set gauges)
+        images = 1 + GENERATE + JOBS + SET_IMAGES
+        two_more_scrapes()  # after the load: a series it created has two samples, its rate() a number
         prom.wait_for(f'sum(ldit_inference_count_total{{job="lightningdit-worker"}}) >= {images}', "every image")
         prom.wait_for('ldit_batch_sets{job="lightningdit-api", state="done"} >= 1', "the sample set done")
-        yield {"prom": prom, "images": images, "api": api, "dir": root}
+        yield {"prom": prom, "images": images, "api": api, "worker": procs[0], "bundle": bundle,
+               "metrics_port": metrics_port}
     finally:
         if prom_proc is not None:
             prom_proc.terminate()
@@ -246,3 +259,16 @@ def test_every_rule_parses_reads_real_series_and_evaluates(loaded) -> None:
     assert not bad, bad
     firing = [a for a in prom.http.get("/api/v1/alerts").json()["data"]["alerts"] if a["state"] == "firing"]
     assert not firing, firing
+
+
+def test_processes_say_when_they_load_and_are_ready(loaded) -> None:
+    """At the default log level (warning; the harness sets it), each process logs its startup lines."""
+    def startup(proc) -> list[str]:
+        records = [json.loads(line) for line in proc.lines if line.startswith("{")]
+        return [r["msg"] for r in records if r["logger"] == "ldit.startup" and r["level"] == "info"]
+
+    worker, api = startup(loaded["worker"]), startup(loaded["api"])
+    assert worker[0] == f"loading the model from {loaded['bundle']} (backend torch, device auto, precision fp32)"
+    assert re.fullmatch(rf"ready: worker \S+ takes jobs from the queue; metrics on "
+                        rf"http://0\.0\.0\.0:{loaded['metrics_port']}/metrics", worker[1]), worker
+    assert api == [f"ready on {loaded['api'].url}: the API (try GET /readyz, POST /generate)"]
