@@ -3,7 +3,8 @@
 Debian's `prometheus` (the server, scripts/test.sh installs it as root) scrapes a real API process and
 a real worker process (a tiny random model on CPU) that share a real redis-server, every second, as
 two jobs with a `namespace` label like a ServiceMonitor's. The test puts load on the service
-(/generate, /jobs, a sample set, a refused request), waits until Prometheus has scraped the load's
+(/generate, /jobs, a sample set, a refused request, and one /generate that runs into the request
+timeout while the worker is stopped with SIGSTOP), waits until Prometheus has scraped the load's
 end, then through Prometheus's HTTP API:
 
 * every query of every dashboard panel (Grafana's variables replaced by their "All" values) parses
@@ -11,7 +12,7 @@ end, then through Prometheus's HTTP API:
 * the dashboard's variables find their values (label_values as Prometheus's series API answers it);
 * every alert rule's expression parses, every metric it reads exists, and Prometheus loaded the
   rules file itself and evaluates every rule without error (health "ok"); none fires on a healthy,
-  loaded service.
+  loaded service, and the latency alert is pending on the timeout (1 request of 14 is above the p99).
 
 Before the load, one request and two scrapes: the per-route series exist, as on a running service
 (a counter's first sample is rate()'s baseline). No timed assertion: every wait polls a condition.
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +45,7 @@ RATE_WINDOW = "5m"  # $__rate_interval: the whole run fits in it
 GENERATE = 12  # /generate requests, distinct seeds
 JOBS = 3  # /jobs requests
 SET_IMAGES = 4  # one sample set: 2 classes x 2
+TIMEOUT_S = 8  # LDIT_REQUEST_TIMEOUT_S: one /generate runs into it
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None,
@@ -101,7 +105,8 @@ def loaded(tmp_path_factory):
     server = start_redis("debian")
     metrics_port = free_port()
     env = {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(bundle), "LDIT_BATCH_DIR": str(root / "batches"),
-           "LDIT_MAX_QUEUE_DELAY_MS": "0", "LDIT_HEARTBEAT_INTERVAL_S": "0.5"}
+           "LDIT_MAX_QUEUE_DELAY_MS": "0", "LDIT_HEARTBEAT_INTERVAL_S": "0.5",
+           "LDIT_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "LDIT_HEARTBEAT_TTL_S": "60"}  # stays live while stopped
     (root / "batches").mkdir()
     procs = []
     prom_proc = None
@@ -170,8 +175,18 @@ def loaded(tmp_path_factory):
             assert time.time() < deadline, (states, set_state)
             time.sleep(0.2)
         images = 1 + GENERATE + JOBS + SET_IMAGES
-        two_more_scrapes()  # after the load: a series it created has two samples, its rate() a number
         prom.wait_for(f'sum(ldit_inference_count_total{{job="lightningdit-worker"}}) >= {images}', "every image")
+        # A worker that stops answering with its heartbeat still fresh: a /generate runs into the request
+        # timeout (504), its job expires once the worker runs again.
+        worker = procs[0].proc
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            late = client.post("/generate", json={"class_label": 5, "seed": 99_999}, timeout=TIMEOUT_S + 30)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        assert late.status_code == 504 and late.json()["error"] == "timeout"
+        prom.wait_for('sum(ldit_expired_jobs_total{job="lightningdit-worker"}) >= 1', "the late job expired")
+        two_more_scrapes()  # after the load: a series it created has two samples, its rate() a number
         prom.wait_for('ldit_batch_sets{job="lightningdit-api", state="done"} >= 1', "the sample set done")
         yield {"prom": prom, "images": images, "api": api, "worker": procs[0], "bundle": bundle,
                "metrics_port": metrics_port}
@@ -219,7 +234,12 @@ def test_the_numbers_are_the_load(loaded) -> None:
     assert prom.value('sum(ldit_inference_count_total{job="lightningdit-worker"})') == loaded["images"]
     assert prom.value('max(ldit_live_workers{job="lightningdit-api"})') == 1
     assert prom.value("min(ldit_redis_up)") == 1
-    assert prom.value('max(ldit_request_timeout_seconds{job="lightningdit-api"})') == 120
+    assert prom.value('max(ldit_request_timeout_seconds)') == TIMEOUT_S
+    # /generate's latency: the warm-up, the load and the timeout (not the cache hit, not the 422)
+    assert prom.value("sum(ldit_inference_request_duration_seconds_count)") == 1 + GENERATE + 1
+    assert prom.value('sum(ldit_inference_request_duration_seconds_bucket{le="5.0"})') == 1 + GENERATE
+    assert prom.value('sum(ldit_inference_request_failure_total{reason="timeout"})') == 1
+    assert prom.value("sum(ldit_expired_jobs_total)") == 1
     assert prom.value('sum(ldit_worker_heartbeats_total{job="lightningdit-worker"})') > 0
     assert prom.value('sum(ldit_worker_heartbeats_total{job="lightningdit-api"})') == 0  # the API does not beat
     assert prom.value('sum(ldit_padding_rows_total)') == 0  # eager torch on CPU pads nothing
@@ -259,6 +279,24 @@ def test_every_rule_parses_reads_real_series_and_evaluates(loaded) -> None:
     assert not bad, bad
     firing = [a for a in prom.http.get("/api/v1/alerts").json()["data"]["alerts"] if a["state"] == "firing"]
     assert not firing, firing
+
+
+def test_the_timeout_makes_the_latency_alert_pending(loaded) -> None:
+    """One /generate of 14 ran into the timeout: the p99 is above it, so Prometheus holds the alert pending
+    (it fires after its `for`, longer than this test)."""
+    prom: Prom = loaded["prom"]
+    end = time.time() + 60
+    while True:
+        alerts = prom.http.get("/api/v1/alerts").json()["data"]["alerts"]
+        latency = [a for a in alerts if a["labels"]["alertname"] == "LightningDiTLatencyAboveTimeout"]
+        if latency:
+            break
+        assert time.time() < end, alerts
+        time.sleep(0.5)
+    (alert,) = latency
+    assert alert["state"] == "pending" and alert["labels"]["namespace"] == NAMESPACE
+    assert float(alert["value"]) > TIMEOUT_S
+    assert alert["annotations"]["summary"] == f"LightningDiT: p99 latency above the request timeout in {NAMESPACE}"
 
 
 def test_processes_say_when_they_load_and_are_ready(loaded) -> None:
