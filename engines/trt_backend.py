@@ -134,6 +134,9 @@ class TrtEngine(Engine):
                                f"TensorRT {trt.__version__} ({route} route), {self.engine_dir}",
                                decode_precision=vae_precision)
 
+    def computed_rows(self, rows: int) -> int:
+        return sum(max(n, self.dit.min_rows) for n in self.chunks(rows, self.max_rows))
+
     @torch.inference_mode()
     def velocity(self, x, t, y):
         m = self.max_rows

@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Readable log lines here (LDIT_LOG_FORMAT=json for one JSON object a line, as in containers); the
+# service says when it starts loading the model and when it is ready, with its URL.
+export LDIT_LOG_FORMAT="${LDIT_LOG_FORMAT:-text}"
 exec .venv/bin/python -m service "$@"

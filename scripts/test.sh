@@ -5,9 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh dev,loadtest
-# Debian packages the tests run for real: Redis 7, and headless Chromium for the playground page.
+# Debian packages the tests run for real: Redis 7, headless Chromium for the playground page, and
+# Prometheus (server and promtool) for the dashboard's queries and the alert rules.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

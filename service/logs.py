@@ -1,4 +1,8 @@
-"""Structured logging: one JSON object a line, quiet (warning) by default."""
+"""Structured logging: one JSON object a line, quiet (warning) by default.
+
+The startup lines (`STARTUP`: the model starts loading, the service is ready and where) show at the
+default level too, so whoever starts the service sees it come up; only `error` hides them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import json
 import logging
 import sys
 import time
+
+STARTUP = "ldit.startup"
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -38,3 +44,4 @@ def setup_logging(level: str = "warning", fmt: str = "json") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").setLevel(max(logging.getLogger().level, logging.WARNING))
+    logging.getLogger(STARTUP).setLevel(logging.INFO if root.level <= logging.WARNING else root.level)

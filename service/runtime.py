@@ -17,11 +17,13 @@ import uvicorn
 
 from service import metrics
 from service.http.server import server_config
+from service.logs import STARTUP
 from service.settings import REPO_ROOT, Settings
 from service.store.connections import sync_client
 from service.store.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("ldit")
+startup = logging.getLogger(STARTUP)
 
 
 def load_model(settings: Settings):
@@ -33,6 +35,8 @@ def load_model(settings: Settings):
     from model.bundle import load_bundle
     from service.worker.runner import Runner
 
+    startup.info("loading the model from %s (backend %s, device %s, precision %s)", settings.model_dir,
+                 settings.backend, settings.device, settings.precision)
     if settings.backend in ("onnxruntime", "tensorrt"):
         # Export (and for TensorRT, build) the engines when missing or stale; a no-op otherwise.
         build_args = settings.engine_build().cli_args()
@@ -74,14 +78,15 @@ def build_worker(settings: Settings, redis_url: str):
     return Worker(settings, sync_client(settings, redis_url), lambda: load_model(settings))
 
 
-def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None) -> None:
+def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None,
+              what: str = "the API") -> None:
     from service.http.app import create_app
     from service.model_watch import ModelWatcher
 
     app = create_app(settings, ModelWatcher(settings.model_dir, settings.model_watch_interval_s), redis_url)
     server = _Server(server_config(settings, app))
     if started is not None:
-        threading.Thread(target=_announce, args=(server, started), daemon=True).start()
+        threading.Thread(target=_announce, args=(server, started, what), daemon=True).start()
     server.run()
 
 
@@ -94,7 +99,7 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def _announce(server: uvicorn.Server, started: threading.Event) -> None:
+def _announce(server: uvicorn.Server, started: threading.Event, what: str) -> None:
     while not server.started:
         if server.should_exit:
             return
@@ -104,6 +109,8 @@ def _announce(server: uvicorn.Server, started: threading.Event) -> None:
             host, port = sock.getsockname()[:2]
             # One line on stdout so scripts (and tests) learn the address when LDIT_PORT=0.
             print(f"LDIT_LISTENING http://{host}:{port}", flush=True)
+            startup.info("ready on http://%s:%s: %s (try GET /readyz, POST /generate)",
+                         f"[{host}]" if ":" in host else host, port, what)
     started.set()
 
 
@@ -121,7 +128,7 @@ def run_all(settings: Settings) -> None:
         while not worker.ready.wait(0.1):
             if not thread.is_alive():
                 raise SystemExit("the worker stopped before it was ready")
-        serve_api(settings, url, threading.Event())  # uvicorn handles SIGINT/SIGTERM
+        serve_api(settings, url, threading.Event(), "the API and one worker")  # uvicorn handles SIGINT/SIGTERM
     finally:
         worker.stop()
         thread.join(timeout=60)
@@ -146,6 +153,11 @@ def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     # Announced after the first heartbeat, when the API would route work to it.
-    threading.Thread(target=lambda: worker.ready.wait() and print(f"LDIT_WORKER_READY {worker.name}", flush=True),
-                     name="announce", daemon=True).start()
+    def announce() -> None:
+        worker.ready.wait()
+        print(f"LDIT_WORKER_READY {worker.name}", flush=True)
+        where = f"; metrics on http://0.0.0.0:{settings.metrics_port}/metrics" if settings.metrics_port else ""
+        startup.info("ready: worker %s takes jobs from the queue%s", worker.name, where)
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
     worker.run()

@@ -11,6 +11,7 @@ they skip with the reason, except under CI=true, where they fail: CI always make
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,6 +150,30 @@ def test_compose_startup_order_and_shutdown() -> None:
         assert "test" in services[name]["healthcheck"], name
 
 
+def test_compose_monitoring_profile_uses_the_charts_rules_and_dashboard() -> None:
+    """Profile `monitoring`: Prometheus with the chart's rules directory, Grafana provisioned with its dashboard
+    directory; both pinned, neither started without the profile."""
+    services = compose()["services"]
+    prom, grafana = services["prometheus"], services["grafana"]
+    assert prom["profiles"] == grafana["profiles"] == ["monitoring"]
+    assert re.fullmatch(r"prom/prometheus:v3\.\d+\.\d+", prom["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", grafana["image"])
+    assert "./helm/lightningdit/rules:/etc/prometheus/rules:ro" in prom["volumes"]
+    assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["rules/*.yaml"]
+    targets = {(d["names"][0], d["port"]) for job in config["scrape_configs"] for d in job.get("dns_sd_configs", [])}
+    assert targets == {("api", 8000), ("worker", int(services["worker"]["expose"][0])), ("local", 8000)}
+    provider = yaml.safe_load((ROOT / "monitoring" / "grafana" / "provisioning" / "dashboards" / "lightningdit.yaml")
+                              .read_text())["providers"][0]
+    mount = f"./helm/lightningdit/dashboards:{provider['options']['path']}:ro"
+    assert mount in grafana["volumes"]
+    assert "./monitoring/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    source = yaml.safe_load((ROOT / "monitoring" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml")
+                            .read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+
+
 # --- Dockerfile ------------------------------------------------------------------------------
 def test_dockerfile_targets_user_healthcheck_volumes() -> None:
     text = DOCKERFILE.read_text()
@@ -227,10 +252,16 @@ def one(docs: list[dict], kind: str, suffix: str) -> dict:
     return found[0]
 
 
+def settings_configmap(docs: list[dict]) -> dict:
+    """The ConfigMap of LDIT_ settings (the other one, with dashboards.enabled, holds the dashboard)."""
+    cms = [cm for cm in objects(docs, "ConfigMap").values()
+           if cm["metadata"]["labels"].get("app.kubernetes.io/component") != "dashboards"]
+    assert len(cms) == 1, [cm["metadata"]["name"] for cm in cms]
+    return cms[0]
+
+
 def configmap_env(docs: list[dict]) -> dict[str, str]:
-    cms = objects(docs, "ConfigMap")
-    assert len(cms) == 1, list(cms)
-    return next(iter(cms.values()))["data"]
+    return settings_configmap(docs)["data"]
 
 
 def pod_spec(docs: list[dict], component: str) -> dict:
@@ -292,7 +323,7 @@ def test_chart_worker_requests_a_gpu(rendered: dict) -> None:
 def test_chart_commands_match_the_local_mode(rendered: dict, value_set: str) -> None:
     docs = rendered[value_set]
     env = configmap_env(docs)
-    cm_name = next(iter(objects(docs, "ConfigMap")))
+    cm_name = settings_configmap(docs)["metadata"]["name"]
     api = pod_spec(docs, "api")
     worker = pod_spec(docs, "worker")
     assert api["containers"][0]["command"] == API_CMD
@@ -372,3 +403,24 @@ def test_chart_redis_bundled_and_external(rendered: dict) -> None:
     volumes = {v["name"]: v for v in pod_spec(external, "api")["volumes"]}
     assert volumes["redis-password"]["secret"]["secretName"] == "redis-credentials"
     assert configmap_env(external)["LDIT_API_KEYS_FILE"] != ""
+
+
+def test_chart_dashboard_configmap_and_prometheus_rule(rendered: dict) -> None:
+    """dashboards.enabled and prometheusRule.enabled (the gpu-keda-redis example): the dashboard JSON and the
+    rules file of the chart, unchanged, in a ConfigMap labelled for the Grafana sidecar and a PrometheusRule."""
+    docs = rendered["gpu-keda-redis"]
+    (cm,) = [d for d in objects(docs, "ConfigMap").values()
+             if d["metadata"]["labels"].get("app.kubernetes.io/component") == "dashboards"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LightningDiT"}
+    assert json.loads(cm["data"]["lightningdit.json"]) == json.loads((CHART / "dashboards" / "lightningdit.json").read_text())
+    rule = one(docs, "PrometheusRule", "-lightningdit")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"] == yaml.safe_load((CHART / "rules" / "lightningdit.rules.yaml").read_text())
+    alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert len(alerts) >= 7 and all(isinstance(r["expr"], str) for g in rule["spec"]["groups"] for r in g["rules"])
+    for value_set in VALUE_SETS:
+        if value_set != "gpu-keda-redis":
+            assert not objects(rendered[value_set], "PrometheusRule"), value_set
+            assert len(objects(rendered[value_set], "ConfigMap")) == 1, value_set

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.routing import Match
 
+from service import metrics
 from service.batches import sets as batches
 from service.batches import upkeep as batch_upkeep
 from service.http.access_log import AccessLog
@@ -57,6 +58,7 @@ class JsonRoute(APIRoute):
 def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastAPI:
     """The app; `model` gives the current bundle spec and version (hot-swapped checkpoints included)."""
     keys = Keys(settings.key_prefix)
+    metrics.init_role("api", settings.request_timeout_s)
     auth = Guard(settings, settings.key_prefix)
     guard = Depends(auth)
 

@@ -122,6 +122,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BusyLoadingError)
     async def on_redis_down(request: Request, exc: Exception):
         log.warning("redis unavailable: %r", exc)
+        metrics.REDIS_ERRORS.labels("api").inc()
+        metrics.REDIS_UP.set(0)
         if is_openai(request):
             return openai_error(503, "the job queue is unreachable; retry shortly", None, "unavailable",
                                 {"Retry-After": "2"})

@@ -21,6 +21,7 @@ import logging
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service import metrics
 from service.settings import Settings
 
 log = logging.getLogger("ldit.api")
@@ -47,6 +48,7 @@ def protocol_class(settings: Settings) -> type[asyncio.Protocol]:
             super().connection_made(transport)
             if len(self.connections) > max_connections:
                 log.info("connection refused: %d open", len(self.connections))
+                metrics.HTTP_CONNECTIONS_REFUSED.inc()
                 transport.write(OVERLOADED)
                 transport.close()
                 return

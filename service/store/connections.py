@@ -7,6 +7,7 @@
   request. Every command the service sends is safe to repeat: reads, writes of fixed
   values, and Lua scripts that recognise their own earlier run (service/store/scripts.py).
 * Connections idle longer than `redis_health_check_interval_s` are PINGed before use.
+* Every connection opened (the first ones and each reconnect) counts in `ldit_redis_connections_opened`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from service import metrics
 from service.settings import Settings
 
 RETRY_ON = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
@@ -30,17 +32,29 @@ def _kwargs(settings: Settings) -> dict:
     return kw
 
 
+def _opened(conn: redis.connection.AbstractConnection) -> None:
+    conn.on_connect()  # the handshake redis-py runs when no redis_connect_func is given
+    metrics.REDIS_CONNECTIONS.inc()
+
+
+async def _opened_async(conn: aioredis.connection.AbstractConnection) -> None:
+    await conn.on_connect()
+    metrics.REDIS_CONNECTIONS.inc()
+
+
 def _backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.05, cap=1.0)
 
 
 def sync_client(settings: Settings, url: str) -> redis.Redis:
     pool = redis.BlockingConnectionPool.from_url(
-        url, retry=Retry(_backoff(), settings.redis_retries, supported_errors=RETRY_ON), **_kwargs(settings))
+        url, retry=Retry(_backoff(), settings.redis_retries, supported_errors=RETRY_ON), redis_connect_func=_opened,
+        **_kwargs(settings))
     return redis.Redis.from_pool(pool)
 
 
 def async_client(settings: Settings, url: str) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, retry=AsyncRetry(_backoff(), settings.redis_retries, supported_errors=RETRY_ON), **_kwargs(settings))
+        url, retry=AsyncRetry(_backoff(), settings.redis_retries, supported_errors=RETRY_ON),
+        redis_connect_func=_opened_async, **_kwargs(settings))
     return aioredis.Redis.from_pool(pool)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from service import metrics
 from service.store.capacity import row_steps
+from service.store.connections import RETRY_ON
 from service.store.jobs import GROUP
 
 if TYPE_CHECKING:
@@ -63,7 +64,11 @@ class Heartbeat:
                 if rate > 0 or w.scheduler.active:
                     self.images_per_s = rate if self.images_per_s == 0 else 0.8 * self.images_per_s + 0.2 * rate
                 last = now
-            except Exception:  # noqa: BLE001 - Redis may be restarting; try again next beat
+            except RETRY_ON:  # Redis restarting or unreachable: try again next beat
+                metrics.REDIS_UP.set(0)
+                metrics.REDIS_ERRORS.labels("worker").inc()
+                log.warning("heartbeat failed: redis unavailable", exc_info=True)
+            except Exception:  # noqa: BLE001 - try again next beat
                 log.warning("heartbeat failed", exc_info=True)
             if w.stop_event.wait(self.s.heartbeat_interval_s) and not w.scheduler.active and not w.decodes:
                 break
@@ -84,5 +89,9 @@ class Heartbeat:
                 "loop_age_s": round(time.monotonic() - w.last_tick, 3), "rate": w.ticks.published(),
                 "done_rows": self.done_rows(), **w.engine_info}
         self.r.hset(self.keys.workers, w.name, json.dumps(info))
-        for stream, held in self.held_ids().items():  # keep our jobs' idle time below the visibility timeout
+        held_ids = self.held_ids()
+        for stream, held in held_ids.items():  # keep our jobs' idle time below the visibility timeout
             self.r.xclaim(stream, GROUP, w.name, 0, held, justid=True)
+        metrics.REDIS_UP.set(1)
+        metrics.WORKER_HEARTBEATS.inc()
+        metrics.HELD_JOBS.set(sum(len(ids) for ids in held_ids.values()))

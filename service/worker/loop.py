@@ -65,7 +65,9 @@ class Worker:
         self.r = r
         self.keys = Keys(settings.key_prefix)
         self.load_model = load_model
+        metrics.init_role("worker", settings.request_timeout_s)
         self.runner, spec, self.version, self.engine_info = load_model()
+        self._computed_rows = self.runner.engine.computed_rows  # rows a forward really costs (padding metric)
         self.name = settings.worker_name or default_worker_name()
         self.scheduler = Scheduler(settings.max_batch_size, spec.latent_shape, settings.batching,
                                    device=self.runner.engine.device)
@@ -115,6 +117,7 @@ class Worker:
                     # Redis restarting: keep the samples in memory and retry; held jobs are
                     # still pending in the (persisted) stream if this worker dies meanwhile.
                     log.warning("redis unavailable (%r); retrying in %.1f s", err, backoff)
+                    metrics.REDIS_ERRORS.labels("worker").inc()
                 except redis.ResponseError as err:
                     if "NOGROUP" not in str(err) and "no longer exists" not in str(err):
                         log.exception("redis refused a command")
@@ -211,6 +214,7 @@ class Worker:
                     self._swap = self.load_model()
                 except Exception:  # noqa: BLE001 - keep serving the old model
                     log.exception("loading the new checkpoint failed; keeping version %s", self.version)
+                    metrics.MODEL_SWAPS.labels("failed").inc()
                 finally:
                     self._loading = None
 
@@ -220,9 +224,11 @@ class Worker:
             runner, spec, version, info = self._swap
             old, self._swap = self.version, None
             self.runner, self.version, self.engine_info = runner, version, info
+            self._computed_rows = runner.engine.computed_rows
             self.scheduler.latent_shape = spec.latent_shape
             self.scheduler.device = runner.engine.device
             log.warning("switched model", extra={"from": old, "to": version})
+            metrics.MODEL_SWAPS.labels("switched").inc()
             self.heartbeat()
 
     def _drain(self) -> None:
@@ -269,6 +275,7 @@ class Worker:
             self._busy_s += seconds
         metrics.EXEC_COUNT.inc()
         metrics.ROWS_PER_FORWARD.observe(plan.rows)
+        metrics.PADDING_ROWS.inc(self._computed_rows(plan.rows) - plan.rows)
         metrics.BATCH_SIZE.observe(len(plan.samples))
         self.decodes.add(self.scheduler.commit(plan, x_next, seconds))
         self._decode_due()

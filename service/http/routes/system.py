@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,10 +19,14 @@ from service.http.errors import error
 from service.http.schemas import ApiView, ErrorBody, ModelInfo, WorkerInfo
 from service.model_watch import ModelWatcher
 from service.settings import Settings
+from service.store.connections import RETRY_ON
 from service.store.heartbeats import live_workers, read_fleet
 from service.store.jobs import Keys
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
+SCRAPE_REDIS_TIMEOUT_S = 2.0  # a scrape answers well within Prometheus's scrape timeout, Redis down or not
+
+log = logging.getLogger("ldit.api")
 
 
 def add_system_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, auth: Guard) -> None:
@@ -49,11 +57,7 @@ def add_system_routes(app: FastAPI, settings: Settings, keys: Keys, model: Model
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=metrics_guard,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
     async def prometheus(request: Request):
-        try:
-            metrics.PENDING_REQUESTS.set(await request.app.state.redis.xlen(keys.stream))
-            await batch_upkeep.observe(request.app.state.redis, keys)
-        except Exception:  # noqa: BLE001 - still serve the other metrics
-            pass
+        await observe(request.app.state.redis, keys, settings)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model", response_model=ModelInfo)
@@ -69,6 +73,46 @@ def add_system_routes(app: FastAPI, settings: Settings, keys: Keys, model: Model
             api=ApiView(model_version=version, backend=settings.backend, precision=settings.precision),
             workers=[WorkerInfo(**{k: w[k] for k in WorkerInfo.model_fields if k in w}) for w in workers],
         )
+
+
+async def observe(r: aioredis.Redis, keys: Keys, settings: Settings) -> None:
+    """Set the gauges read from Redis at each scrape (queue, live workers, sample sets) and `ldit_redis_up`;
+    the other metrics are served whatever Redis does."""
+    try:
+        await asyncio.wait_for(_read_gauges(r, keys, settings), SCRAPE_REDIS_TIMEOUT_S)
+    except (*RETRY_ON, asyncio.TimeoutError) as err:
+        metrics.REDIS_UP.set(0)
+        metrics.REDIS_ERRORS.labels("api").inc()
+        log.warning("metrics: redis unavailable (%r)", err)
+        return
+    except Exception:  # noqa: BLE001 - still serve the other metrics
+        log.warning("metrics: reading the queue gauges failed", exc_info=True)
+    metrics.REDIS_UP.set(1)
+
+
+async def _read_gauges(r: aioredis.Redis, keys: Keys, settings: Settings) -> None:
+    pipe = r.pipeline(transaction=False)
+    pipe.xlen(keys.stream)
+    pipe.xrange(keys.stream, "-", "+", count=1)
+    depth, oldest = await pipe.execute()
+    metrics.PENDING_REQUESTS.set(depth)
+    metrics.OLDEST_JOB_AGE.set(oldest_age_s(oldest, time.time()))
+    fleet = await read_fleet(r, keys, settings.heartbeat_ttl_s)
+    metrics.LIVE_WORKERS.set(len(fleet.workers))
+    await batch_upkeep.observe(r, keys)
+
+
+def oldest_age_s(entries: list, now: float) -> float:
+    """Seconds since the first stream entry's job was accepted (`enqueued_at`, kept when a job is released
+    back to the queue; else the entry id's milliseconds); 0 for an empty stream."""
+    if not entries:
+        return 0.0
+    entry_id, fields = entries[0]
+    try:
+        since = float(fields[b"enqueued_at"])
+    except (KeyError, ValueError):
+        since = int(entry_id.split(b"-")[0]) / 1000
+    return max(0.0, now - since)
 
 
 def served_resolution(settings: Settings, bundle_size: int, workers: list[dict]) -> int:
