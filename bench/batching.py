@@ -49,9 +49,9 @@ import torch  # noqa: E402
 from bench.common import REPO, Model, in_thread, load_model, log, machine, progress, setup_threads  # noqa: E402
 from engines.timing_profile import TimingProfile, load_profile  # noqa: E402
 from model.sampling import SamplerPreset  # noqa: E402
-from service.jobs import Job  # noqa: E402
-from service.runner import Runner  # noqa: E402
-from service.scheduler import DecodeQueue, Scheduler  # noqa: E402
+from service.store.jobs import Job  # noqa: E402
+from service.worker.runner import Runner  # noqa: E402
+from service.worker.scheduler import DecodeQueue, Scheduler  # noqa: E402
 
 MIXED_STEPS = (25, 50, 100, 250)
 MIXED_PRESETS = ("800ep", "64ep", "demo")

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from engines.torch_backend import TorchEngine  # noqa: E402
 from model.bundle import ModelBundle, load_bundle  # noqa: E402
 from model.sampling import SamplerPreset  # noqa: E402
-from service.jobs import Job  # noqa: E402
-from service.runner import Runner  # noqa: E402
-from service.scheduler import Scheduler  # noqa: E402
+from service.store.jobs import Job  # noqa: E402
+from service.worker.runner import Runner  # noqa: E402
+from service.worker.scheduler import Scheduler  # noqa: E402
 
 DEMO_DIR = REPO / "checkpoints" / "demo"
 

@@ -161,9 +161,9 @@ def random_model_bundle(cfg: dict, ddconfig: dict, name: str) -> ModelBundle:
 
 def recipe_images_per_s(engine, bundle: ModelBundle, images: int, max_rows: int, preset_name: str) -> dict:
     """The full recipe through the serving Scheduler + Runner (step-level batching, decode included)."""
-    from service.jobs import Job
-    from service.runner import Runner
-    from service.scheduler import Scheduler
+    from service.store.jobs import Job
+    from service.worker.runner import Runner
+    from service.worker.scheduler import Scheduler
 
     runner = Runner(engine, bundle.stats, bundle.null_class)
     sched = Scheduler(max_rows, bundle.spec.latent_shape, "step", device=engine.device)

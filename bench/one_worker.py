@@ -44,10 +44,10 @@ from bench.common import in_thread, log, machine  # noqa: E402
 from engines.simulated import SimulatedEngine  # noqa: E402
 from engines.timing_profile import load_profile  # noqa: E402
 from model.bundle import load_bundle  # noqa: E402
-from service.jobs import Job  # noqa: E402
-from service.runner import Runner  # noqa: E402
-from service.scheduler import DecodeQueue, Scheduler  # noqa: E402
 from service.settings import DEMO_MODEL_DIR  # noqa: E402
+from service.store.jobs import Job  # noqa: E402
+from service.worker.runner import Runner  # noqa: E402
+from service.worker.scheduler import DecodeQueue, Scheduler  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -4,7 +4,7 @@ the same scheduler/runner loop in-process (no HTTP, Redis or PNG).
 Both are closed loops of `clients` concurrent requests (a finished request is replaced at
 once), enough to keep every row of the batch busy; throughput is counted between the
 `warmup`-th and the last completion. The in-process loop runs the same Scheduler and
-Runner as service/worker.py, including the batched VAE decode.
+Runner as service/worker/loop.py, including the batched VAE decode.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from urllib.parse import urlparse
 import torch
 
 from bench.common import REPO, THREADS, Model, log, progress
-from service.jobs import Job
 from service.launcher import start_service
-from service.runner import Runner
-from service.scheduler import Scheduler
+from service.store.jobs import Job
+from service.worker.runner import Runner
+from service.worker.scheduler import Scheduler
 
 
 def _rate(stamps: list[float], warmup: int) -> float:

@@ -357,7 +357,7 @@ class Chaos:
 
     def kill_one(self, r) -> bool:
         """SIGKILL a live worker that holds jobs (mid-batch); wait up to 3 s for one to. False: none alive."""
-        from service.jobs import GROUP
+        from service.store.jobs import GROUP
 
         end = time.time() + 3.0
         victim, pending = None, 0
@@ -394,7 +394,7 @@ class Chaos:
 
     def run(self) -> dict:
         from model.bundle import load_bundle, read_spec
-        from service.jobs import GROUP, Keys
+        from service.store.jobs import GROUP, Keys
         from tests.service_harness import make_tiny_bundle, start_redis, start_service
 
         cfg = self.cfg

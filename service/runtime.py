@@ -16,10 +16,10 @@ import threading
 import uvicorn
 
 from service import metrics
-from service.connections import sync_client
-from service.embedded_redis import EmbeddedRedis
-from service.http_server import server_config
+from service.http.server import server_config
 from service.settings import REPO_ROOT, Settings
+from service.store.connections import sync_client
+from service.store.embedded_redis import EmbeddedRedis
 
 log = logging.getLogger("ldit")
 
@@ -31,7 +31,7 @@ def load_model(settings: Settings):
     """
     from engines import load_engine
     from model.bundle import load_bundle
-    from service.runner import Runner
+    from service.worker.runner import Runner
 
     if settings.backend in ("onnxruntime", "tensorrt"):
         # Export (and for TensorRT, build) the engines when missing or stale; a no-op otherwise.
@@ -69,13 +69,13 @@ def engine_report(engine) -> dict:
 
 def build_worker(settings: Settings, redis_url: str):
     """Load the bundle and the engine, and return a ready Worker."""
-    from service.worker import Worker
+    from service.worker.loop import Worker
 
     return Worker(settings, sync_client(settings, redis_url), lambda: load_model(settings))
 
 
 def serve_api(settings: Settings, redis_url: str, started: threading.Event | None = None) -> None:
-    from service.api import create_app
+    from service.http.app import create_app
     from service.model_watch import ModelWatcher
 
     app = create_app(settings, ModelWatcher(settings.model_dir, settings.model_watch_interval_s), redis_url)

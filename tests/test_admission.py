@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from service.capacity import FleetRate
-from service.jobs import Keys
+from service.store.capacity import FleetRate
+from service.store.jobs import Keys
 from tests.service_harness import have_redis_server, make_tiny_bundle, start_redis, start_service
 
 pytestmark = pytest.mark.skipif(not have_redis_server(), reason="Debian's redis-server is not installed")
@@ -215,7 +215,7 @@ def test_identical_requests_in_flight_are_computed_once(bundle_dir):
 
 def test_the_capacity_model_in_numbers():
     from model.sampling import SamplerPreset
-    from service.capacity import FleetRate, TickModel, admission_limits, retry_after_s, row_steps
+    from service.store.capacity import FleetRate, TickModel, admission_limits, retry_after_s, row_steps
 
     guided = SamplerPreset(num_steps=11, cfg_scale=4.0, cfg_interval_start=0.5)  # 10 steps, 5 of them guided
     assert row_steps(guided) == 15 and row_steps(guided, upto=5) == 5 and row_steps(SamplerPreset(num_steps=5)) == 4

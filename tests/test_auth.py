@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from service.auth import load_key_digests
+from service.http.auth import load_key_digests
 from tests.service_harness import make_tiny_bundle, start_redis, start_service
 
 

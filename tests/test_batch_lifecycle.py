@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.jobs import GROUP, Keys
+from service.store.jobs import GROUP, Keys
 from tests.service_harness import REPO, free_port, have_redis_server, start_redis, start_service
 
 IMAGE_BYTES = 32 * 32 * 3  # the demo model's images

@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 
 from model.bundle import load_bundle
 from model.generate import generate, main
-from service import batches
-from service.jobs import Keys
+from service.batches import sets as batches
 from service.settings import DEMO_MODEL_DIR
+from service.store.jobs import Keys
 from tests.service_harness import have_redis_server, start_redis, start_service
 from tests.test_service import decode_png
 

@@ -11,7 +11,7 @@ from model.bundle import named_class_list, read_spec
 from model.checkpoints import CheckpointError
 from model.sampling import PRESETS
 from model.vavae import VAVAE_CONFIGS
-from service.schemas import resolve_class
+from service.http.schemas import resolve_class
 
 REPO = Path(__file__).resolve().parent.parent
 LIST = REPO / "model" / "class_names" / "imagenet1k.json"

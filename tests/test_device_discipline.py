@@ -24,11 +24,11 @@ from PIL import Image
 
 from engines.torch_backend import TorchEngine
 from model.bundle import load_bundle
-from service.jobs import Job, Keys
-from service.runner import Runner
-from service.scheduler import Scheduler
 from service.settings import Settings
-from service.worker import Worker
+from service.store.jobs import Job, Keys
+from service.worker.loop import Worker
+from service.worker.runner import Runner
+from service.worker.scheduler import Scheduler
 from tests.service_harness import have_redis_server, make_tiny_bundle, start_redis
 from tests.test_scheduler import PRESETS, job
 

@@ -17,9 +17,9 @@ import torch
 from engines.torch_backend import PARITY_REL_TOL, TorchEngine
 from model.bundle import load_bundle
 from model.sampling import initial_noise, sample
-from service.jobs import Job
-from service.runner import Runner
-from service.scheduler import Scheduler
+from service.store.jobs import Job
+from service.worker.runner import Runner
+from service.worker.scheduler import Scheduler
 from tests.service_harness import make_tiny_bundle
 from tests.test_scheduler import PRESETS, job
 

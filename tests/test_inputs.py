@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.sampling import SamplerPreset, time_grid
-from service.schemas import MIN_TIMESTEP_SHIFT, FieldError, check_time_grid
+from service.http.schemas import MIN_TIMESTEP_SHIFT, FieldError, check_time_grid
 from tests.service_harness import make_tiny_bundle, start_service
 from tests.test_service import decode_png
 

@@ -1,4 +1,4 @@
-"""The PNG writer (service/png.py) and the one-crossing result path (service/queue.py's END script)."""
+"""The PNG writer (service/png.py) and the one-crossing result path (service/store/scripts.py's END script)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from engines.simulated import crop_pool, photo_paths
-from service import png, queue
-from service.jobs import GROUP, Keys
+from service import png
 from service.settings import Settings
+from service.store import scripts
+from service.store.jobs import GROUP, Keys
 from tests.service_harness import have_redis_server, start_redis
 
 
@@ -81,9 +82,9 @@ def test_a_result_crosses_redis_once_and_reaches_the_waiter_whole():
         blob = png.encode(image)
         meta = json.dumps({"queue_ms": 1.0, "compute_ms": 2.0, "batch_size": 3, "model_version": "v", "worker": "w"})
         status = {"status": "done", "key": "k1", "meta": meta}
-        end = r.register_script(queue.END)
+        end = r.register_script(scripts.END)
         end(keys=[keys.job("job1"), keys.stream, keys.work, keys.inflight("k1"), keys.result("k1")],
-            args=[sid, GROUP, 60, "job1", "reply-a", keys.prefix, queue.as_json(status), keys.events, blob, meta])
+            args=[sid, GROUP, 60, "job1", "reply-a", keys.prefix, scripts.as_json(status), keys.events, blob, meta])
         assert r.hget(keys.result("k1"), "png") == blob and r.hget(keys.result("k1"), "meta").decode() == meta
         assert r.xlen(keys.stream) == 0 and int(r.get(keys.work)) == 0
         assert r.hget(keys.job("job2"), "status") == b"done"

@@ -125,7 +125,7 @@ def test_done_arrives_at_once_after_the_last_progress(replicas):
 def test_readme_and_openapi_agree_on_steps_and_the_progress_rate(replicas):
     """The API table and the OpenAPI text say the same: how many progress events a second (what the
     worker publishes), and that `steps` counts grid points (N points: progress `of` N - 1)."""
-    from service.worker import PROGRESS_INTERVAL_S
+    from service.worker.loop import PROGRESS_INTERVAL_S
 
     a, _ = replicas
     rate = round(1 / PROGRESS_INTERVAL_S)

@@ -1,4 +1,4 @@
-"""service/pubsub.py's subscription against a real Redis: messages arrive whole, and cheaply."""
+"""service/store/pubsub.py's subscription against a real Redis: messages arrive whole, and cheaply."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 import redis.asyncio as aioredis
 
-from service.pubsub import cancel, subscribe_forever
+from service.store.pubsub import cancel, subscribe_forever
 from tests.service_harness import have_redis_server, start_redis
 
 

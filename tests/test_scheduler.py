@@ -14,9 +14,9 @@ from engines.torch_backend import TorchEngine
 from model.bundle import load_bundle
 from model.latents import to_uint8
 from model.sampling import SamplerPreset, initial_noise, sample
-from service.jobs import Job
-from service.runner import Runner
-from service.scheduler import DecodeQueue, Sample, Scheduler
+from service.store.jobs import Job
+from service.worker.runner import Runner
+from service.worker.scheduler import DecodeQueue, Sample, Scheduler
 from tests.service_harness import make_tiny_bundle
 from tests.test_service import psnr
 

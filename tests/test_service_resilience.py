@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from model.bundle import load_bundle
-from service.jobs import GROUP, Job, Keys
+from service.store.jobs import GROUP, Job, Keys
 from tests.service_harness import have_redis_server, make_tiny_bundle, start_redis, start_service
 from tests.test_service import decode_png, psnr, reference
 

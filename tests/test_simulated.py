@@ -18,10 +18,10 @@ from engines.simulated import SimulatedEngine, crop_pool
 from engines.timing_profile import CostCurve, ProfileError, TimingProfile, load_profile, shipped_profiles
 from loadtest.chaos import simulated_references
 from model.bundle import load_bundle
-from service.jobs import Job, Keys
-from service.runner import Runner
-from service.scheduler import Scheduler
 from service.settings import DEMO_MODEL_DIR, REPO_ROOT, Settings
+from service.store.jobs import Job, Keys
+from service.worker.runner import Runner
+from service.worker.scheduler import Scheduler
 from tests.service_harness import have_redis_server, start_redis, start_service
 
 SHIPPED = sorted(shipped_profiles())

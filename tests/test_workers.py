@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from model.bundle import load_bundle
-from service.jobs import GROUP, Job, Keys
 from service.runtime import build_worker
 from service.settings import Settings
+from service.store.jobs import GROUP, Job, Keys
 from tests.service_harness import have_redis_server, make_tiny_bundle, start_redis, start_service
 
 pytestmark = pytest.mark.skipif(not have_redis_server(), reason="Debian's redis-server is not installed")

@@ -17,8 +17,8 @@ import logging
 import redis.asyncio as aioredis
 
 from service import metrics
-from service.jobs import Keys
-from service.pubsub import cancel, subscribe_forever
+from service.store.jobs import Keys
+from service.store.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
 

@@ -1,4 +1,4 @@
-"""Sample-set routes: POST /batches, GET and DELETE /batches/{id}, its .npz and .tar (service/batches.py).
+"""Sample-set routes: POST /batches, GET and DELETE /batches/{id}, its .npz and .tar (service/batches/sets.py).
 
 With API keys on, a set belongs to the key that made it, like a job: any other key gets 404.
 """
@@ -13,11 +13,10 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from service import batch_disk, batches
-from service.errors import ERRORS, error
-from service.jobs import Keys
-from service.model_watch import ModelWatcher
-from service.schemas import (
+from service.batches import disk as batch_disk
+from service.batches import sets as batches
+from service.http.errors import ERRORS, error
+from service.http.schemas import (
     MAX_SEED,
     BatchAccepted,
     BatchDeleted,
@@ -28,13 +27,15 @@ from service.schemas import (
     resolve_class,
     resolve_preset,
 )
+from service.model_watch import ModelWatcher
 from service.settings import Settings
+from service.store.jobs import Keys
 
 log = logging.getLogger("ldit.api")
 
 
 def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, guard, owner_of) -> None:
-    """`owner_of(caller)`: what a set records as its owner (service/auth.py, Guard.owner)."""
+    """`owner_of(caller)`: what a set records as its owner (service/http/auth.py, Guard.owner)."""
     volumes = settings.batch_volume_dirs()
 
     @app.post("/batches", status_code=202, response_model=BatchAccepted,

@@ -1,6 +1,6 @@
 """Upkeep of sample sets: the sweeper that removes files no set owns, and the sets' gauges.
 
-A set's records expire in Redis (service/batches.py) but nothing there can remove a file, so
+A set's records expire in Redis (service/batches/sets.py) but nothing there can remove a file, so
 every API process runs the sweeper; one at a time sweeps, under a lease, as with the appender.
 A pass removes, on every volume, each set directory whose record is gone (expired, deleted by
 a process that died before removing it, or made by one that died before recording it: the
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from service import batch_disk, batches, metrics
-from service.jobs import Keys
+from service import metrics
+from service.batches import disk as batch_disk
+from service.batches import sets as batches
 from service.settings import Settings
+from service.store.jobs import Keys
 
 log = logging.getLogger("ldit.batches")
 

@@ -78,12 +78,12 @@ class Keys:
 
     @property
     def workers(self) -> str:
-        """Hash of worker heartbeats: name -> JSON (service/heartbeats.py)."""
+        """Hash of worker heartbeats: name -> JSON (service/store/heartbeats.py)."""
         return f"{self.prefix}:workers"
 
     @property
     def work(self) -> str:
-        """Row-steps of the jobs in the stream (service/queue.py)."""
+        """Row-steps of the jobs in the stream (service/store/scripts.py)."""
         return f"{self.prefix}:work"
 
     def inflight(self, key: str) -> str:
@@ -107,7 +107,7 @@ class Job:
     reply_to: str = ""  # pub/sub channel of the waiting API process ("" for async jobs)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
-    cost: int = 0  # row-steps (service/capacity.py)
+    cost: int = 0  # row-steps (service/store/capacity.py)
     stream_id: str = ""  # set when read from the stream
     deliveries: int = 1
     batch: str = ""  # the sample set this job is image `index` of ("" for interactive requests)

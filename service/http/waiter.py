@@ -2,7 +2,7 @@
 
 Workers publish a job's end on the channel named in the job (`reply_to`): its id, its
 status fields and, for a finished job, the PNG itself, so the request answers without
-reading the result back from Redis (service/queue.py's END script). A
+reading the result back from Redis (service/store/scripts.py's END script). A
 single listener task resolves the matching future, so no request polls and no
 request holds a Redis connection while it waits. If the subscription drops
 (Redis restarted), the listener reconnects and checks every waiting job's status
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from service.jobs import Keys
-from service.pubsub import cancel, subscribe_forever
+from service.store.jobs import Keys
+from service.store.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
 

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-SET_ID = re.compile(r"^b[0-9a-f]{23}$")  # service.batches.new_batch_id
+SET_ID = re.compile(r"^b[0-9a-f]{23}$")  # service.batches.sets.new_batch_id
 
 # A write failing with one of these will fail again on redelivery: the set is stopped instead.
 DISK_ERRORS = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EFBIG: "disk_full",

@@ -40,87 +40,14 @@ import redis.asyncio as aioredis
 
 from model.sample_sets import ChunkSink, npz_chunks, raw_chunks, sample_index
 from model.sampling import SamplerPreset
-from service import batch_disk
-from service.jobs import GROUP, Job, Keys, result_key
+from service.batches import disk as batch_disk
+from service.batches.scripts import APPEND_LUA, CREATE_LUA, DELETE_LUA, STOP_LUA
+from service.store.jobs import GROUP, Job, Keys, result_key
 
 log = logging.getLogger("ldit.batches")
 
 ENQUEUE_CHUNK = 500  # jobs appended per round trip
 LEASE_MS = 15000
-
-# KEYS: batch hash, done bitmap, stream. ARGV: index, group, entry id, now, outcome ("done"|"failed").
-RECORD_LUA = """
-local counted = 0
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('SETBIT', KEYS[2], ARGV[1], 1) == 0 then
-  counted = 1
-  local field = ARGV[5] == 'done' and 'done' or 'failed'
-  redis.call('HINCRBY', KEYS[1], field, 1)
-  if field == 'done' then
-    redis.call('HSETNX', KEYS[1], 'first_done_at', ARGV[4])
-    redis.call('HSET', KEYS[1], 'last_done_at', ARGV[4])
-  end
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-  local h = redis.call('HMGET', KEYS[1], 'done', 'failed', 'total', 'ttl_s', 'status')
-  if tonumber(h[1] or 0) + tonumber(h[2] or 0) >= tonumber(h[3]) and h[5] == 'running' then
-    redis.call('HSET', KEYS[1], 'status', tonumber(h[2] or 0) > 0 and 'failed' or 'done', 'finished_at', ARGV[4])
-    if h[4] then  -- its records (and so its file) go ttl_s after it completes
-      redis.call('EXPIRE', KEYS[1], h[4])
-      redis.call('EXPIRE', KEYS[2], h[4])
-    end
-  end
-end
-redis.call('XACK', KEYS[3], ARGV[2], ARGV[3])
-redis.call('XDEL', KEYS[3], ARGV[3])
-return counted
-"""
-
-# KEYS: held, batch hash, batches zset. ARGV: id, bytes, volume, max bytes (0: none), expire s, created at,
-# the hash's fields as a JSON list. Returns {1, held before} or {0, held} when the budget has no room.
-CREATE_LUA = """
-local held = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do held = held + cjson.decode(v)['bytes'] end
-local need, most = tonumber(ARGV[2]), tonumber(ARGV[4])
-if most > 0 and held + need > most then return {0, held} end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({bytes = need, volume = ARGV[3]}))
-redis.call('HSET', KEYS[2], unpack(cjson.decode(ARGV[7])))
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-return {1, held}
-"""
-
-# KEYS: stream, batch hash, lease. ARGV: lease owner, lease ms, enqueued after, then one JSON list of
-# fields per job. Appends only while the lease is ours and the set exists: a deleted set gets no more jobs.
-APPEND_LUA = """
-if redis.call('GET', KEYS[3]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-for i = 4, #ARGV do redis.call('XADD', KEYS[1], '*', unpack(cjson.decode(ARGV[i]))) end
-redis.call('HSET', KEYS[2], 'enqueued', ARGV[3])
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return 1
-"""
-
-# KEYS: batch hash, done bitmap. ARGV: error, message, now. Stops a running set: workers drop its samples.
-STOP_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[1], 'message', ARGV[2], 'finished_at', ARGV[3])
-local ttl = redis.call('HGET', KEYS[1], 'ttl_s')
-if ttl then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return 1
-"""
-
-# KEYS: batch hash, done bitmap, lease, batches zset. ARGV: id, owner. Returns {volume, bytes}, or false
-# (no such set, or another key's). The held bytes stay until its file is removed.
-DELETE_LUA = """
-local f = redis.call('HMGET', KEYS[1], 'total', 'owner', 'volume', 'bytes')
-if not f[1] or (f[2] or '') ~= ARGV[2] then return false end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', KEYS[4], ARGV[1])
-return {f[3] or 'default', f[4] or '0'}
-"""
-
 
 class NoRoom(Exception):
     """A set that does not fit: in the budget (`what` = "budget") or on its volume ("volume")."""
@@ -142,7 +69,7 @@ class BatchSpec:
     model_version: str
     created_at: float
     volume: str = "default"  # which of LDIT_BATCH_VOLUMES holds its file
-    owner: str = ""  # the API key that made it (service/auth.py); "" with keys off
+    owner: str = ""  # the API key that made it (service/http/auth.py); "" with keys off
 
     @property
     def total(self) -> int:

@@ -4,7 +4,7 @@
 * `header_timeout_s`: a connection must deliver a whole request head within this, from
   its opening or from the first byte of its next request; a silent or trickling client
   (slowloris) is dropped. uvicorn has no such timer, hence the protocol subclass below.
-  Slow bodies are bounded by service/limits.py with the same setting.
+  Slow bodies are bounded by service/http/limits.py with the same setting.
 * `max_http_connections`: a connection beyond it gets a 503 JSON answer with Retry-After
   and is closed at once, so idle sockets cannot use up the process's file descriptors.
 * `trusted_proxies`: X-Forwarded-For / X-Forwarded-Proto are believed only from these

@@ -32,7 +32,7 @@ import torch
 from engines.base import Engine
 from model.latents import LatentStats
 from model.sampling import guided_velocity
-from service.scheduler import StepPlan
+from service.worker.scheduler import StepPlan
 
 
 class Runner:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.sampling import initial_noise, time_grid_values
-from service.jobs import Job
+from service.store.jobs import Job
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""GET /jobs/{id}/events: a job's live progress as Server-Sent Events (relayed by service/events.py)."""
+"""GET /jobs/{id}/events: a job's live progress as Server-Sent Events (relayed by service/store/progress.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from service.errors import ERRORS, error
-from service.events import EventHub, Watch, sse
-from service.heartbeats import live_workers
-from service.jobs import GROUP, Keys
-from service.schemas import ErrorBody, JobStatus
+from service.http.errors import ERRORS, error
+from service.http.schemas import ErrorBody, JobStatus
 from service.settings import Settings
+from service.store.heartbeats import live_workers
+from service.store.jobs import GROUP, Keys
+from service.store.progress import EventHub, Watch, sse
 
 SSE_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 SSE_MIN_INTERVAL_S = 0.2  # progress reaches a client at most 5 times a second

@@ -6,7 +6,7 @@ Euler step plus one unconditional row on each step inside its CFG interval
 rows in its forward, `seconds = a + b * rows` (`TickModel`: timed at start-up, scaled by
 live ticks), and publishes the line in its heartbeat. The API sums the fleet's full-batch throughput and asks whether the work
 ahead of a new job plus the job's own steps fit in its deadline (`admission_limits`);
-the check itself runs atomically in Redis (service/queue.py).
+the check itself runs atomically in Redis (service/store/scripts.py).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * Retries with exponential backoff (and jitter) after a lost connection or a timeout, so a
   pooled connection gone stale while Redis restarted costs one reconnect, not a failed
   request. Every command the service sends is safe to repeat: reads, writes of fixed
-  values, and Lua scripts that recognise their own earlier run (service/queue.py).
+  values, and Lua scripts that recognise their own earlier run (service/store/scripts.py).
 * Connections idle longer than `redis_health_check_interval_s` are PINGed before use.
 """
 

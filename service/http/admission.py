@@ -1,8 +1,8 @@
-"""Whether a new job goes into the queue: one atomic check-and-append in Redis (service/queue.py).
+"""Whether a new job goes into the queue: one atomic check-and-append in Redis (service/store/scripts.py).
 
-Before appending, the API derives from the live workers' heartbeats (service/heartbeats.py)
+Before appending, the API derives from the live workers' heartbeats (service/store/heartbeats.py)
 how much work may be ahead of the job for it still to finish within
-`admission_headroom` x `request_timeout_s` (service/capacity.py). The script then, in one
+`admission_headroom` x `request_timeout_s` (service/store/capacity.py). The script then, in one
 step: recognises a retry of the same job, answers from a result stored meanwhile,
 attaches the job to an identical one in flight (single flight), refuses a full queue
 or too much work ahead, or appends the job and adds its cost to the queue's work.
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from service import metrics, queue
-from service.capacity import admission_limits, retry_after_s
-from service.heartbeats import FleetView
-from service.jobs import Job, Keys
+from service import metrics
 from service.settings import Settings
+from service.store import scripts
+from service.store.capacity import admission_limits, retry_after_s
+from service.store.heartbeats import FleetView
+from service.store.jobs import Job, Keys
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Verdict:
 class Admission:
     def __init__(self, r: aioredis.Redis, settings: Settings, keys: Keys):
         self.s, self.keys = settings, keys
-        self.script = r.register_script(queue.ADMIT)
+        self.script = r.register_script(scripts.ADMIT)
         self.fleet = FleetView(r, keys, settings.heartbeat_ttl_s)
 
     def no_worker_retry_s(self) -> int:
@@ -58,7 +59,7 @@ class Admission:
             args=[job.id, self.s.max_queue_length, -1 if limits is None else limits.max_work + fleet.done_rows,
                   int(limits is None or limits.alone_fits), self.s.result_ttl_s,
                   int(self.s.request_timeout_s * 1000) + 5000, self.s.stream_max_length, job.cost,
-                  queue.as_json(hash_fields), queue.as_json(job.to_fields()), job.reply_to, self.keys.prefix])
+                  scripts.as_json(hash_fields), scripts.as_json(job.to_fields()), job.reply_to, self.keys.prefix])
         outcome = reply[0].decode()
         if outcome in ("queued", "follow", "exists", "cached"):
             return Verdict(outcome)

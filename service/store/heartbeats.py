@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from service.capacity import FleetRate
-from service.jobs import Keys
+from service.store.capacity import FleetRate
+from service.store.jobs import Keys
 
 PRUNE_AFTER_TTLS = 3
 

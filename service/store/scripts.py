@@ -1,6 +1,6 @@
 """The job queue's compound operations, each one Lua script so it is atomic and safe to retry.
 
-Invariant kept by these scripts: `<p>:work` holds the row-steps (service/capacity.py) of
+Invariant kept by these scripts: `<p>:work` holds the row-steps (service/store/capacity.py) of
 every job entry in the stream, i.e. of every job waiting or running. `admit` adds an
 entry and its cost, `end` removes them, `release` moves an entry without changing the
 sum, and `reconcile` recomputes the sum from the stream (after a deleted or trimmed
