@@ -22,6 +22,8 @@ from service.store.capacity import row_steps
 from service.store.jobs import Job, Keys, ResultMeta, result_key
 
 PNG = "image/png"
+LOST = ("the job's record is gone from Redis (it restarted without its data?); the image was not made: "
+        "send the request again")
 MAX_ECHO = 64  # longest client-sent id an error message repeats
 
 
@@ -105,6 +107,8 @@ def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWat
         metrics.REQUEST_FAILURE.labels(endpoint, st.error or "failed").inc()
         if st.error == "timeout":
             return error(504, "timeout", st.message or "the request timed out")
+        if st.error == "lost":
+            return error(503, "lost", st.message or LOST, headers={"Retry-After": "1"})
         return error(500, st.error or "failed", st.message or "generation failed")
 
     @app.post("/generate", response_class=Response, responses={
@@ -126,6 +130,7 @@ def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWat
             verdict = await enqueue(request, job, "generate", caller)
             if isinstance(verdict, JSONResponse):
                 return verdict
+            waiter.queued(job.id)
             if verdict.outcome == "cached":  # stored between our first look and the admission
                 hit = await cached(r, job.key)
                 if not hit:
