@@ -123,8 +123,9 @@ SIM_FAST = {"name": "fast-device", "source": "tests/test_admission.py: a device 
 @pytest.mark.parametrize("device", ["this-cpu", "slow-device", "fast-device"])
 def test_admission_refuses_what_cannot_finish_before_its_deadline(bundle_dir, tmp_path, device):
     """The load is sized from the rate the worker measured and published, so the test means the same on
-    any machine: jobs for about twice what fits in a deadline arrive at once; the admission must refuse
-    some, and at least 95% of the ones it accepts must finish before their deadline."""
+    any machine (this CPU, and simulated devices slower and faster than it): jobs for about twice what fits
+    in a deadline arrive at once; the admission must refuse some, and at least 95% of the ones it accepts
+    must finish before their deadline. (A fixed load was all accepted on a faster CPU.)"""
     server = start_redis("debian")
     env = {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(bundle_dir), "LDIT_MAX_BATCH_SIZE": "4",
            "LDIT_REQUEST_TIMEOUT_S": str(DEADLINE_S), "LDIT_ADMISSION_HEADROOM": str(HEADROOM),
@@ -137,10 +138,10 @@ def test_admission_refuses_what_cannot_finish_before_its_deadline(bundle_dir, tm
     worker = start_service("worker", env)
     r = server.client()
     try:
-        # One job first, as a new user's would be: the worker then publishes what it measured.
-        warm = httpx.post(f"{api.url}/generate", json={"preset": "nocfg", "steps": 50, "class_label": 0, "seed": 999},
-                          timeout=60)
-        assert warm.status_code == 200, warm.text
+        # Full batches first, so the worker measures them on this (possibly busy) machine and publishes that.
+        warm = burst(8, lambda c, i: c.post(f"{api.url}/generate", timeout=60, json={
+            "preset": "nocfg", "steps": 50, "class_label": i, "seed": 900 + i}))
+        assert [w.status_code for w in warm] == [200] * 8, [w.text[:200] for w in warm]
         time.sleep(1.5)  # a heartbeat carries the measured rate
         rate = fleet_rate(r)
         assert rate is not None and rate.rows_per_s > 0
@@ -160,7 +161,9 @@ def test_admission_refuses_what_cannot_finish_before_its_deadline(bundle_dir, tm
         late = [i for i, s in states.items() if s["status"] != "done"]
         print(f"{device}: {rate.rows_per_s:.0f} rows/s measured, {steps} steps a job, {fit:.1f} fit, {n} sent, "
               f"{len(accepted)} accepted, {len(late)} not done in time: {[states[i] for i in late][:3]}")
-        assert accepted and len(refused) >= n // 4, (len(accepted), len(refused))
+        # Some are refused; and the admission accepts about what the measured rate says fits (more when
+        # jobs end while the burst is still arriving), not far fewer.
+        assert refused and len(accepted) >= fit / 2, (len(accepted), len(refused), fit)
         assert len(late) <= len(accepted) // 20, (len(late), len(accepted))
     finally:
         worker.stop("kill")
@@ -232,3 +235,21 @@ def test_the_capacity_model_in_numbers():
     assert retry_after_s(rate, limits.max_work + 2.5 * rate.rows_per_s, limits) == 3
     assert not admission_limits(rate, steps=1000, budget_s=10.0).alone_fits
     assert admission_limits(None, steps=100, budget_s=10.0) is None
+    # What is published is what the worker measured at full width, once it has run full batches; narrower
+    # ticks (here 3x their bare forward) scale the line only before that.
+    ticks = TickModel(max_rows=8)
+    ticks.calibrate({1: 0.010, 8: 0.024})
+    for _ in range(100):
+        ticks.observe(1, 0.030)
+    assert abs(ticks.published()["a"] - 3 * 0.008) < 1e-6
+    for _ in range(100):
+        ticks.observe(8, 0.048)
+    fit = ticks.published()
+    assert abs(fit["a"] + 8 * fit["b"] - 0.048) < 1e-6
+    # The averages span the last couple of seconds of ticks, not the last few ticks: one tick five times
+    # slower among many moves them by its share of the time, a slower machine for a while all the way.
+    ticks.observe(8, 0.240)
+    assert 0.048 * 1.05 < ticks.published()["a"] + 8 * ticks.published()["b"] < 0.048 * 1.15
+    for _ in range(100):
+        ticks.observe(8, 0.096)
+    assert abs(ticks.published()["a"] + 8 * ticks.published()["b"] - 0.096) < 0.005
