@@ -27,6 +27,7 @@ COPY model/ model/
 COPY engines/ engines/
 COPY service/ service/
 COPY training/ training/
+COPY ldit_client/ ldit_client/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------

@@ -189,19 +189,24 @@ def saturated(setup: Setup, mode: str, max_rows: int, n: int, time_limit: float,
 
 
 def run_setup(setup: Setup, modes: list[str], max_rows: int, requests: int, cap_requests: int, loads: list[float],
-              model_loads: list[float], seed: int, time_limit: float, wall: bool) -> dict:
+              model_loads: list[float], seed: int, time_limit: float, wall: bool, out: dict | None = None,
+              saved=lambda: None) -> dict:
+    """Fills `out` (a fresh dict by default) and calls `saved()` after every run, so a caller can keep the
+    runs done so far (the GPU kit's time cap may cut the last one)."""
     kinds = (["model"] if setup.profile is not None else []) + (["wall"] if wall and setup.engine is not None else [])
-    out = {"label": setup.label, "note": setup.model.note, "workload": setup.workload,
-           "preset": setup.model.preset.to_dict(), "max_rows": max_rows, "modes": modes, "requests": requests,
-           "profile": setup.profile.name if setup.profile else None, "capacity": {}, "runs": []}
+    out = {} if out is None else out
+    out.update({"label": setup.label, "note": setup.model.note, "workload": setup.workload,
+                "preset": setup.model.preset.to_dict(), "max_rows": max_rows, "modes": modes, "requests": requests,
+                "profile": setup.profile.name if setup.profile else None, "capacity": {}, "runs": []})
     if setup.engine is not None:
         info = setup.engine.info
         out["engine"] = f"{info.backend} {info.device} {info.precision} ({info.detail})"
     for kind in kinds:
         virtual = kind == "model"
-        cap = {m: saturated(setup, m, max_rows, cap_requests * (4 if virtual else 1), time_limit, virtual, seed)
-               for m in modes}
-        out["capacity"][kind] = cap
+        cap = out["capacity"][kind] = {}
+        for m in modes:
+            cap[m] = saturated(setup, m, max_rows, cap_requests * (4 if virtual else 1), time_limit, virtual, seed)
+            saved()
         log(f"[batching] {setup.key} {kind}: saturated " + ", ".join(f"{m} {v:.3f}" for m, v in cap.items()) + " img/s")
         capacity = cap["step"]
         for i, load in enumerate(model_loads if virtual else loads):
@@ -213,6 +218,7 @@ def run_setup(setup: Setup, modes: list[str], max_rows: int, requests: int, cap_
                 r.pop("done_at")
                 r.update(load=load, rate=rate)
                 out["runs"].append(r)
+                saved()
                 log(f"[batching] {setup.key} {kind} load {load:.0%} ({rate:.3f}/s) {mode:9s}: "
                     f"{r['throughput']:.3f} img/s, p50 {r['p50']:.3f} s p99 {r['p99']:.3f} s, "
                     f"rows {r['mean_rows']:.1f}, decodes {r['decode_calls']}, {r['completed']}/{r['offered']} done")
@@ -261,7 +267,11 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a GPU image without it: the JSON and the markdown carry the numbers
+        log(f"[batching] matplotlib is not installed: no plot {path.name}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -356,13 +366,21 @@ def main(argv=None) -> int:
         p.error("--modes must include step (the capacity) and request (the baseline)")
     started = time.time()
     result = {"machine": machine(), "argv": sys.argv[1:], "setups": {}}
+    path = a.out / f"{a.name}.json"
+
+    def save() -> None:  # the whole result so far, replaced atomically: a run cut short keeps what it did
+        result["seconds"] = time.time() - started
+        tmp_path = path.with_name(path.name + ".tmp")
+        tmp_path.write_text(json.dumps(result))
+        tmp_path.replace(path)
+
     with tempfile.TemporaryDirectory(prefix="ldit-batching-") as tmp:
         for setup in setups_for(a, Path(tmp)):
-            result["setups"][setup.key] = in_thread(
-                run_setup, setup, modes, a.max_rows, requests, cap_requests, [float(x) for x in a.loads.split(",")],
-                [float(x) for x in a.model_loads.split(",")], a.seed, a.time_limit, a.wall)
-    result["seconds"] = time.time() - started
-    (a.out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
+            result["setups"][setup.key] = {}
+            in_thread(run_setup, setup, modes, a.max_rows, requests, cap_requests, [float(x) for x in a.loads.split(",")],
+                      [float(x) for x in a.model_loads.split(",")], a.seed, a.time_limit, a.wall,
+                      result["setups"][setup.key], save)
+    save()
     (a.out / f"{a.name}.md").write_text(markdown(result))
     plot(result, a.out / f"{a.name}.png")
     if a.plot:

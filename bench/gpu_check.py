@@ -1,20 +1,22 @@
 #!/usr/bin/env python
 """The GPU verification kit's steps (scripts/gpu_check.sh runs each one under its own time cap).
 
-    python -m bench.gpu_check STEP --out DIR [--dry-run]
+    python -m bench.gpu_check STEP [--result FILE | --out DIR] [--dry-run]
 
-Steps, each writing DIR/STEP.json (`summary` merges them into DIR/summary.json):
-* env:      the card, driver, torch/CUDA versions, and a measured bf16 matmul peak.
-* xl:       LightningDiT-XL/1 (random weights) in fp32, bf16 and fp16, eager and with CUDA
-            graphs: error against fp32, ms per forward at 16 and 64 rows, TFLOP/s and MFU
-            against the bf16 peak, and the full 800ep recipe for 32 images (images/s)
-            through the serving scheduler and runner, decode included.
-* xl_compiled: the same for bf16 with the blocks compiled (regional compilation: one inductor graph for
-            every block and bucket), with and without CUDA graphs on top, plus the compile time (its own
-            step and time cap: compilation may be slow).
+Each step writes its JSON to FILE (default DIR/STEP.json) as it goes, so what a step measured
+survives its time cap; the kit appends each step's file to its output folder's steps.jsonl when
+the step ends, and `summary` (with --steps) turns that file into summary.json.
+
+* env:      the card, driver, torch/CUDA versions, the measured bf16 matmul peak and the datasheet's.
+* pytest_gpu: `pytest -m gpu` over the GPU tests, with the failures and skips named.
+* xl, xl_compiled: LightningDiT-XL/1 (random weights), bench/gpu_xl.py: eager with and without CUDA
+            graphs; regional compilation. Error against fp32, ms at 16 and 64 rows, MFU against the
+            datasheet peak, every bucket's cost, the 800ep recipe in images/s, a kernel profile, and
+            the low-precision recipes' errors.
 * vae:      the f16d32 VA-VAE decoder (random weights) in fp32, bf16, fp16: finite, PSNR, ms/image.
 * service:  the all-in-one service on the device (embedded Redis, shipped demo model), 32
-            concurrent /generate requests, each PNG against the same image made offline.
+            concurrent /generate requests, each PNG against the same image made offline; fp32 and
+            the GPU default (fp16 + CUDA graphs).
 * tensorrt: build_engine.py's TensorRT route where `tensorrt` imports; skipped with the reason.
 
 --dry-run runs every step at tiny sizes on the CPU (what CI runs, so the kit cannot rot);
@@ -27,6 +29,7 @@ import argparse
 import io
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,77 +46,28 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.gpu_util import (  # noqa: E402
+    TINY_VAE,
+    StepResult,
+    bf16_peak_tflops,
+    datasheet_peak,
+    device_for,
+    log,
+    psnr,
+    time_ms,
+)
+from bench.gpu_xl import step_xl, step_xl_compiled  # noqa: E402
 from engines.random_bundle import perturb_  # noqa: E402
 from engines.torch_backend import TorchEngine  # noqa: E402
-from model.bundle import BundleSpec, ModelBundle, load_bundle  # noqa: E402
-from model.latents import LatentStats  # noqa: E402
-from model.lightningdit import LightningDiT, lightningdit_config  # noqa: E402
-from model.sampling import PRESETS, initial_noise, sample  # noqa: E402
+from model.bundle import load_bundle  # noqa: E402
+from model.sampling import initial_noise, sample  # noqa: E402
 from model.vavae import VAVAE, VAVAE_CONFIGS  # noqa: E402
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), for MFU next to the measured one.
-DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.05, "L4": 121.0}
-TINY_DIT = dict(lightningdit_config("LightningDiT-B/1"), hidden_size=64, depth=2, num_heads=4, input_size=4,
-                in_channels=8, num_classes=10)
-TINY_VAE = dict(VAVAE_CONFIGS["f16d32"]["ddconfig"], ch=32, ch_mult=[1, 2], z_channels=8, attn_resolutions=[],
-                resolution=16, num_res_blocks=1)
+GPU_TESTS = ("tests/test_engines.py", "tests/test_gpu.py", "tests/test_gpu_engine.py")
 
 
-def log(msg: str) -> None:
-    print(f"[gpu_check] {msg}", flush=True)
-
-
-def device_for(dry: bool) -> torch.device:
-    if dry:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU visible to torch; use --dry-run on a CPU machine")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def time_ms(fn, dev: torch.device, iters: int, warmup: int = 2) -> float:
-    """Mean milliseconds per call: CUDA events on the GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) * 1000 / iters
-
-
-def bf16_peak_tflops(dev: torch.device, dry: bool) -> float:
-    n = 256 if dry else 8192
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms = time_ms(lambda: a @ b, dev, iters=3 if dry else 20, warmup=1 if dry else 3)
-    return 2 * n**3 / (ms / 1000) / 1e12
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-
-
-# -- steps --------------------------------------------------------------------------------------
-def step_env(a) -> dict:
+# -- steps (each takes the parsed arguments and a StepResult to save partial results to) -----------
+def step_env(a, saver) -> dict:
     dev = device_for(a.dry_run)
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "device": str(dev), "dry_run": a.dry_run}
@@ -132,222 +86,7 @@ def step_env(a) -> dict:
     return out
 
 
-def datasheet_peak(name: str) -> float | None:
-    return next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-
-
-def xl_bundle(dry: bool) -> ModelBundle:
-    """LightningDiT-XL/1 + the f16d32 VA-VAE decoder with random (perturbed) weights, built on the host."""
-    cfg = TINY_DIT if dry else lightningdit_config("LightningDiT-XL/1")
-    ddconfig = TINY_VAE if dry else VAVAE_CONFIGS["f16d32"]["ddconfig"]
-    return random_model_bundle(cfg, ddconfig, "xl-random" if not dry else "tiny-random")
-
-
-def random_model_bundle(cfg: dict, ddconfig: dict, name: str) -> ModelBundle:
-    """A DiT of config `cfg` and a VA-VAE of `ddconfig`, random (perturbed) weights, in memory only."""
-    torch.manual_seed(0)
-    dit = LightningDiT(**cfg).eval()
-    perturb_(dit, 1, big=0.05, small=0.02)
-    vae = VAVAE(ddconfig["z_channels"], ddconfig).eval()
-    perturb_(vae, 2, big=0.01, small=0.01)
-    c = cfg["in_channels"]
-    spec = BundleSpec(root=Path(tempfile.gettempdir()), name=name,
-                      dit_config=cfg, dit_checkpoint=Path("-"), vae_embed_dim=ddconfig["z_channels"],
-                      vae_ddconfig=ddconfig, vae_checkpoint=Path("-"), latent_stats=Path("-"), latent_multiplier=1.0,
-                      class_names=[str(i) for i in range(cfg["num_classes"])], presets=dict(PRESETS),
-                      default_preset="800ep")
-    return ModelBundle(spec, dit, vae, LatentStats(torch.zeros(c), torch.ones(c)))
-
-
-def recipe_images_per_s(engine, bundle: ModelBundle, images: int, max_rows: int, preset_name: str) -> dict:
-    """The full recipe through the serving Scheduler + Runner (step-level batching, decode included)."""
-    from service.store.jobs import Job
-    from service.worker.runner import Runner
-    from service.worker.scheduler import Scheduler
-
-    runner = Runner(engine, bundle.stats, bundle.null_class)
-    sched = Scheduler(max_rows, bundle.spec.latent_shape, "step", device=engine.device)
-    preset = bundle.spec.presets[preset_name]
-    from collections import deque
-
-    waiting = deque(Job(class_id=i % bundle.spec.num_classes, seed=i, preset=preset, key=str(i),
-                        deadline=time.time() + 1e6) for i in range(images))
-    done, forwards, rows = 0, 0, 0
-    t0 = time.perf_counter()
-    while waiting or sched.active:
-        sched.admit_waiting(waiting)
-        plan = sched.schedule()
-        x_next, secs = runner.step(plan)
-        forwards += 1
-        rows += plan.rows
-        finished = sched.commit(plan, x_next, secs)
-        if finished:
-            imgs, _ = runner.decode([s.x for s in finished])
-            done += len(imgs)
-    seconds = time.perf_counter() - t0
-    return {"images": done, "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 3),
-            "forwards": forwards, "mean_rows": round(rows / forwards, 1), "preset": preset_name}
-
-
-def bench_config(bundle: ModelBundle, dev: torch.device, precision: str, graphs: bool, compiled: bool,
-                 ref: dict | None, peak: float, flops_row: float, a) -> dict:
-    label = f"{precision}{' graphs' if graphs else ''}{' compiled' if compiled else ''}"
-    max_rows = 8 if a.dry_run else 64
-    sizes = (2, 8) if a.dry_run else (16, 64)
-    t_load = time.perf_counter()
-    engine = TorchEngine(bundle, str(dev), precision, max_rows, compile=compiled, cuda_graphs=graphs)
-    res = {"config": label}
-    if compiled:
-        # The first call compiles the block graph (inductor: Triton on CUDA, C++ on the CPU); with graphs
-        # it also captures bucket 1. Every other bucket reuses the graph (tests/test_compiled.py).
-        t_first = time.perf_counter()
-        with torch.inference_mode():
-            engine.velocity(torch.zeros(1, *bundle.spec.latent_shape, device=dev), torch.full((1,), 0.5, device=dev),
-                            torch.zeros(1, dtype=torch.long, device=dev))
-        sync(dev)
-        res["compile_s"] = round(time.perf_counter() - t_first, 1)
-        log(f"xl {label}: compiled in {res['compile_s']} s (first call)")
-    engine.warmup()
-    sync(dev)
-    res["setup_s"] = round(time.perf_counter() - t_load, 1)
-    if dev.type == "cuda":
-        res["gpu_mem_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 2)
-    g = torch.Generator().manual_seed(7)
-    inputs = {}
-    for rows in sizes:
-        x = torch.randn(rows, *bundle.spec.latent_shape, generator=g).to(dev)
-        t = torch.rand(rows, generator=g).to(dev)
-        y = torch.randint(0, bundle.spec.num_classes, (rows,), generator=g).to(dev)
-        inputs[rows] = (x, t, y)
-        with torch.inference_mode():
-            out = engine.velocity(x, t, y)
-            ms = time_ms(lambda x=x, t=t, y=y, e=engine: e.velocity(x, t, y), dev, iters=2 if a.dry_run else 10)
-        finite = bool(torch.isfinite(out).all())
-        tflops = flops_row * rows / (ms / 1000) / 1e12
-        res[f"rows{rows}"] = {"ms": round(ms, 3), "tflops": round(tflops, 1), "mfu": round(tflops / peak, 3),
-                              "finite": finite}
-        if ref is not None:
-            res[f"rows{rows}"]["rel_err_vs_fp32"] = rel_err(out, ref[rows])
-        else:
-            res.setdefault("_outputs", {})[rows] = out.float()
-    if graphs or (compiled and not a.dry_run):
-        # every bucket: the cost curve dit_ms(rows) that capacity planning (a simulated engine) needs
-        res["sweep_ms"] = {}
-        for rows in engine.warmup_rows() if compiled else engine.graphs.buckets:
-            x, t, y = (v[:1].expand(rows, *v.shape[1:]).contiguous() for v in inputs[sizes[0]])
-            with torch.inference_mode():
-                res["sweep_ms"][rows] = round(time_ms(lambda x=x, t=t, y=y, e=engine: e.velocity(x, t, y), dev,
-                                                      iters=3 if a.dry_run else 10), 3)
-    if getattr(a, "profile", False) and dev.type == "cuda" and precision != "fp32":
-        res["top_kernels"], res["kernel_shares"] = top_kernels(engine, inputs[sizes[0]])
-        a.profile = compiled and not graphs  # once is enough (xl_compiled: also the graphs configuration)
-    if precision != "fp32" and (graphs or compiled or a.dry_run):
-        images = 4 if a.dry_run else 32
-        preset = "800ep"
-        if a.dry_run:
-            bundle.spec.presets["800ep-dry"] = PRESETS["800ep"].replace(num_steps=6)
-            preset = "800ep-dry"
-        res["recipe"] = recipe_images_per_s(engine, bundle, images, max_rows, preset)
-    else:
-        res["recipe"] = ("skipped: fp32 runs the per-forward timings only (about 10x slower than bf16 on a GPU)"
-                         if precision == "fp32" else "skipped: measured for the CUDA-graph configuration")
-    log(f"xl {label}: " + json.dumps({k: v for k, v in res.items() if k != "_outputs"}))
-    if precision == "fp32":
-        engine.dit.to("cpu")  # the fp32 engine moved the bundle's own module; later configs convert on the host
-    engine.close()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return res
-
-
-def kernel_category(name: str) -> str:
-    """matmul | attention | elementwise/other, from a CUDA kernel's name (cuBLAS, cuDNN, flash, Triton)."""
-    n = name.lower()
-    if any(k in n for k in ("flash", "fmha", "attention", "sdpa")):
-        return "attention"
-    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "_mm_", "matmul", "wgmma")):
-        return "matmul"
-    return "elementwise/other"
-
-
-def top_kernels(engine, inputs, count: int = 15) -> tuple[list[dict], dict]:
-    """The device kernels that take the time of three forwards (torch.profiler), largest first, and the
-    share of device time by kernel_category."""
-    from torch.profiler import ProfilerActivity, profile
-
-    x, t, y = inputs
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            engine.velocity(x, t, y)
-        torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    total = sum(e.self_device_time_total for e in rows) or 1.0
-    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    shares = {"matmul": 0.0, "attention": 0.0, "elementwise/other": 0.0}
-    for e in rows:
-        shares[kernel_category(e.key)] += e.self_device_time_total / total
-    top = [{"kernel": e.key[:120], "calls": e.count, "ms_per_forward": round(e.self_device_time_total / 3000, 3),
-            "share": round(e.self_device_time_total / total, 3)} for e in rows[:count]]
-    return top, {k: round(v, 3) for k, v in shares.items()}
-
-
-def parse_configs(text: str) -> list[tuple[str, bool, bool]]:
-    """"fp32,bf16+graphs,bf16+compiled" -> [(precision, graphs, compiled), ...]"""
-    out = []
-    for item in text.split(","):
-        parts = item.strip().split("+")
-        out.append((parts[0], "graphs" in parts[1:], "compiled" in parts[1:]))
-    return out
-
-
-def step_xl(a, configs=None) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    dev = device_for(a.dry_run)
-    t0 = time.perf_counter()
-    bundle = xl_bundle(a.dry_run)
-    c, h, w = bundle.spec.latent_shape
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        bundle.dit(torch.randn(1, c, h, w), torch.rand(1), torch.zeros(1, dtype=torch.long))
-    flops_row = counter.get_total_flops()
-    peak = bf16_peak_tflops(dev, a.dry_run)
-    out = {"model": bundle.spec.name, "params": sum(p.numel() for p in bundle.dit.parameters()),
-           "gflop_per_row": round(flops_row / 1e9, 2), "bf16_peak_measured_tflops": round(peak, 1),
-           "build_s": round(time.perf_counter() - t0, 1), "configs": []}
-    half = "fp16" if dev.type == "cuda" else "bf16"  # fp16 is CUDA-only in the torch backend
-    if getattr(a, "configs", None):
-        configs = parse_configs(a.configs)
-    configs = configs or [("fp32", False, False), ("bf16", False, False), ("bf16", True, False),
-                          (half, False, False), (half, True, False)]
-    ref = None
-    for precision, graphs, compiled in configs:
-        if graphs and dev.type != "cuda":
-            out["configs"].append({"config": f"{precision} graphs", "skipped": "CUDA graphs need a GPU (dry run)"})
-            continue
-        try:
-            res = bench_config(bundle, dev, precision, graphs, compiled, ref, peak, flops_row, a)
-            if ref is None and precision == "fp32":
-                ref = res.pop("_outputs")
-            out["configs"].append(res)
-        except Exception as err:  # noqa: BLE001 - one failing configuration must not hide the others
-            traceback.print_exc()
-            out["configs"].append({"config": f"{precision}{' graphs' if graphs else ''}{' compiled' if compiled else ''}",
-                                   "error": f"{type(err).__name__}: {err}"})
-    return out
-
-
-def step_xl_compiled(a) -> dict:
-    """Regional compilation (engines.torch_backend.RegionalCompiledDiT): bf16 compiled, and compiled with CUDA
-    graphs per bucket on top (the candidate GPU default), against eager fp32; the dry run compiles on the CPU."""
-    a.configs = None
-    a.profile = True  # the "after" kernel profile (the xl step's --profile is the "before")
-    configs = [("fp32", False, False), ("bf16", False, True)]
-    if not a.dry_run:
-        configs.append(("bf16", True, True))
-    return step_xl(a, configs)
-
-
-def step_vae(a) -> dict:
+def step_vae(a, saver) -> dict:
     dev = device_for(a.dry_run)
     ddconfig = TINY_VAE if a.dry_run else VAVAE_CONFIGS["f16d32"]["ddconfig"]
     torch.manual_seed(0)
@@ -380,6 +119,7 @@ def step_vae(a) -> dict:
         else:
             res["psnr_vs_fp32_db"] = round(float(psnr(u8, ref)), 2)
         out["precisions"][precision] = res
+        saver.save(out)
         log(f"vae {precision}: {res}")
     # the cost curve decode_ms(images) of the default (fp32) decoder, for capacity planning
     out["fp32_sweep_ms"] = {}
@@ -416,7 +156,7 @@ def offline_images(bundle_dir: Path, dev: torch.device, precision: str, graphs: 
     return images
 
 
-def step_service(a) -> dict:
+def step_service(a, saver) -> dict:
     from PIL import Image
 
     from service.launcher import start_service
@@ -426,9 +166,10 @@ def step_service(a) -> dict:
     preset = load_bundle(bundle_dir).spec.default_preset
     n = 8 if a.dry_run else 32
     requests = [{"class_label": i % 10, "seed": 1000 + i} for i in range(n)]
-    configs = [("fp32", False)] if a.dry_run else [("fp32", False), ("bf16", True)]
-    if getattr(a, "configs", None):
-        configs = [(p, g) for p, g, _ in parse_configs(a.configs)]
+    # fp32, and the GPU default: fp16 (closest low precision, engines/lowp_dit.py) with CUDA graphs
+    configs = [("fp32", False)] if a.dry_run else [("fp32", False), ("fp16", True)]
+    if a.configs:
+        configs = [(item.split("+")[0], "graphs" in item.split("+")[1:]) for item in a.configs.split(",")]
     out = {"device": str(dev), "requests": n, "preset": preset, "configs": []}
     for precision, graphs in configs:
         label = f"{precision}{' graphs' if graphs else ''}"
@@ -469,12 +210,13 @@ def step_service(a) -> dict:
                    if ok else None)
         res["pass"] = bool(len(ok) == n and (res["max_abs_pixel_diff"] <= 1 if precision == "fp32"
                                              else res["min_psnr_db"] >= 30))
-        log(f"service {label}: {json.dumps({k: v for k, v in res.items() if k != 'model'})}")
+        log(f"service {label}: {json.dumps({k: v for k, v in res.items() if k != 'model'}, default=str)}")
         out["configs"].append(res)
+        saver.save(out)
     return out
 
 
-def step_tensorrt(a) -> dict:
+def step_tensorrt(a, saver) -> dict:
     from engines.trt_build import tensorrt_status
 
     ok, reason = tensorrt_status()
@@ -491,30 +233,64 @@ def step_tensorrt(a) -> dict:
                 else None}
 
 
-def step_summary(a) -> dict:
-    summary = {"dry_run": a.dry_run, "steps": {}}
-    for path in sorted(a.out.glob("*.json")):
-        if path.name != "summary.json":
-            summary["steps"][path.stem] = json.loads(path.read_text())
-    rcs = a.out / "rc.txt"
-    if rcs.is_file():
-        summary["exit_codes"] = dict(line.split() for line in rcs.read_text().splitlines() if line.strip())
+def step_pytest_gpu(a, saver) -> dict:
+    """`pytest -m gpu` in a subprocess (its output goes to the log), with the outcome line, the failures and
+    the skips with their reasons in the JSON. Exit 5 (nothing collected) counts as a failure."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", *GPU_TESTS]
+    saver.save({"command": " ".join(cmd), "running": True})
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    code = proc.wait()
+    outcome = next((ln.strip("= ") for ln in reversed(lines) if re.search(r"\b(passed|failed|skipped|error|no tests)", ln)),
+                   "")
+    out = {"command": " ".join(cmd), "exit_code": code, "outcome": outcome,
+           "failed": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))],
+           "skipped": [ln for ln in lines if ln.startswith("SKIPPED")]}
+    if code:
+        out["error"] = f"pytest exited {code}"
+    return out
+
+
+def step_summary(a, saver) -> dict:
+    """summary.json from the kit's steps.jsonl: every step's result, exit code and whether its cap killed it."""
+    summary: dict = {"dry_run": a.dry_run, "steps": {}, "exit_codes": {}, "timed_out": [], "seconds": {}}
+    for line in a.steps.read_text().splitlines() if a.steps and a.steps.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            summary.setdefault("unreadable_lines", []).append(f"{err}: {line[:200]}")
+            continue
+        name = entry["step"]
+        summary["steps"][name] = entry.get("result")
+        summary["exit_codes"][name] = entry["exit"]
+        summary["seconds"][name] = entry.get("seconds")
+        if entry.get("timed_out"):
+            summary["timed_out"].append(name)
     return summary
 
 
-STEPS = {"env": step_env, "xl": step_xl, "xl_compiled": step_xl_compiled, "vae": step_vae, "service": step_service,
-         "tensorrt": step_tensorrt, "summary": step_summary}
+STEPS = {"env": step_env, "pytest_gpu": step_pytest_gpu, "xl": step_xl, "xl_compiled": step_xl_compiled,
+         "vae": step_vae, "service": step_service, "tensorrt": step_tensorrt, "summary": step_summary}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=sorted(STEPS))
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="write DIR/STEP.json (when --result is not given)")
+    p.add_argument("--result", type=Path, default=None, help="write the step's JSON here, as it grows")
+    p.add_argument("--steps", type=Path, default=None, help="summary: the kit's steps.jsonl")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
-    p.add_argument("--configs", default=None, help="xl: e.g. fp32,bf16+graphs,fp16+graphs (default: all)")
-    p.add_argument("--profile", action="store_true", help="xl: top device kernels of the first low-precision config")
+    p.add_argument("--configs", default=None,
+                   help="xl/xl_compiled: e.g. fp32,bf16+graphs,fp16+graphs+recipe; service: fp32,fp16+graphs")
     a = p.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
+    result_path = a.result or (a.out / ("summary.json" if a.step == "summary" else f"{a.step}.json") if a.out else None)
+    if result_path is None:
+        p.error("give --result FILE or --out DIR")
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    saver = StepResult(result_path)
     if a.dry_run:
         torch.set_num_threads(1)  # tiny sizes; one thread is steadier on a shared CPU
     t0 = time.perf_counter()
@@ -522,7 +298,7 @@ def main(argv=None) -> int:
 
     def run():  # the worker runs torch off the main thread too (see bench/common.in_thread)
         try:
-            box["result"] = STEPS[a.step](a)
+            box["result"] = STEPS[a.step](a, saver)
         except BaseException as err:  # noqa: BLE001 - reported in the step's JSON
             traceback.print_exc()
             box["result"] = {"error": f"{type(err).__name__}: {err}"}
@@ -532,8 +308,9 @@ def main(argv=None) -> int:
     th.join()
     result = box["result"]
     result["step_seconds"] = round(time.perf_counter() - t0, 1)
-    name = "summary.json" if a.step == "summary" else f"{a.step}.json"
-    (a.out / name).write_text(json.dumps(result, indent=2, default=str))
+    saver.save(result)
+    if a.step == "summary":  # the one file meant to be read by people: indented
+        result_path.write_text(json.dumps(json.loads(result_path.read_text()), indent=2))
     return 1 if "error" in result else 0
 
 

@@ -81,7 +81,9 @@ class Engine(ABC):
         """A mark after everything enqueued so far: calling it blocks the host until the device has run
         that work (a CUDA event on CUDA; on the CPU the work is done when the call returns)."""
         if self.device.type == "cuda":
-            done = torch.cuda.Event()
+            # blocking=True (cudaEventBlockingSync): a thread waiting on the mark sleeps until the device
+            # wakes it. The default event spins a CPU core for the whole wait, one per waiting store thread.
+            done = torch.cuda.Event(blocking=True)
             done.record(torch.cuda.current_stream(self.device))
             return done.synchronize
         return _done

@@ -11,11 +11,15 @@ Precision:
   (engines.device.decode_precision); bf16/fp16 decode runs under autocast, which
   keeps GroupNorm and softmax in float32.
 
-On CUDA, `cuda_graphs=True` captures one graph per batch bucket (powers of two
-up to max_rows): a call with R rows is padded to the next bucket, replayed, and
-the first R rows returned, so the launch overhead of the many small kernels of
-a small DiT is paid once per bucket instead of per call. Every bucket is
-captured by `warmup()`, before the worker reports ready. Capture runs on a
+On CUDA, `cuda_graphs=True` captures one graph per batch bucket (`batch_buckets`:
+1, 2, 4, 8, then every multiple of 8 up to max_rows): a call with R rows is padded
+to the next bucket, replayed, and the first R rows returned, so the launch overhead
+of the many small kernels of a small DiT is paid once per bucket instead of per
+call. Every bucket is captured by `warmup()`, before the worker reports ready,
+largest first, into one memory pool that all buckets share: the largest capture
+sizes the pool and the smaller ones reuse its freed blocks, so more buckets cost
+their static inputs and outputs only (a few MiB), not another copy of the
+activations. Capture runs on a
 side stream (non-blocking, so the legacy default stream that the serving loop
 uses never synchronises with it) in the thread-local capture mode, so a model
 captured by the hot-swap loader thread does not trip over the serving thread's
@@ -27,13 +31,23 @@ inductor graph. All blocks share the block class's code and differ only in
 their parameters, which inductor takes as graph inputs, so the graph is built
 once for the whole stack (a whole-model compile traces and optimises all
 blocks and took longer than the GPU kit's step cap for XL/1). The row count is
-an unbacked size, so the same graph serves every bucket, 1 included. CUDA
-graphs, when on, are captured per bucket on top of the compiled blocks.
+an unbacked size, so the same graph serves every bucket, 1 included. It is
+bounded by max_rows (`torch._check` in the traced code): without an upper bound
+inductor must index every kernel in 64 bits and newer torch refuses cuDNN
+attention for the unbounded batch. The first compiled call is at max_rows
+(warm-up runs the largest row count first), so what is tuned on that call is
+tuned for the size that carries the load. CUDA graphs, when on, are captured per
+bucket on top of the compiled blocks.
+
+`close()` drops the graphs, their pool and the modules: a hot swap frees the old
+model's device memory when it closes the old engine, without waiting for the
+garbage collector (nothing here references the engine back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch._dynamo.decorators import mark_unbacked
@@ -46,13 +60,32 @@ from model.latents import to_uint8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def batch_buckets(max_rows: int) -> list[int]:
-    """1, 2, 4, ... up to and including max_rows."""
+BUCKET_STEP = 8
+
+
+def batch_buckets(max_rows: int, step: int = BUCKET_STEP) -> list[int]:
+    """1, 2, 4, 8, then every multiple of `step` up to and including max_rows (which is always one).
+
+    Why not powers of two all the way: above 8 rows a forward's time is linear in rows (XL/1 on the
+    H200: 26.2, 50.8, 100.6 ms at 16, 32, 64), so 33 rows padded to 64 cost twice what they need.
+    Multiples of 8 waste at most 7 rows (bench/buckets.py measures the choice). `step` 0: powers of
+    two all the way (the old policy, kept for that comparison).
+    """
     buckets, b = [], 1
-    while b < max_rows:
+    while b < max_rows and (b < step or not step):
         buckets.append(b)
         b *= 2
+    if step:
+        b = step
+        while b < max_rows:
+            buckets.append(b)
+            b += step
     return [*buckets, max_rows]
+
+
+def bucket_for(rows: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `rows` (the rows a padded forward computes)."""
+    return next(b for b in buckets if b >= rows)
 
 
 # Largest relative error (max |got - ref| / max |ref|) of a forward against eager fp32 on the same weights:
@@ -61,8 +94,18 @@ def batch_buckets(max_rows: int) -> list[int]:
 PARITY_REL_TOL = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
 
 
-def _run_block(block, h, c, rope):
-    return block(h, c, rope)
+def _block_runner(max_rows: int):
+    def run_block(block, h, c, rope):
+        # The bound becomes the unbacked size's value range (and a runtime assert): inductor can then
+        # prove every index fits 32 bits, and attention backends that refuse an unbounded batch accept it.
+        torch._check(h.size(0) <= max_rows)
+        return block(h, c, rope)
+
+    return run_block
+
+
+# Newer torch lets mark_unbacked carry the bound and the size hint inductor tunes for; older only the mark.
+_MARK_OPTIONS = {"min", "max", "hint_override"} <= set(inspect.signature(mark_unbacked).parameters)
 
 
 class RegionalCompiledDiT:
@@ -70,21 +113,57 @@ class RegionalCompiledDiT:
 
     The block is passed as an argument, so dynamo guards on its class and parameter shapes
     rather than on which block it is: block 0 compiles, blocks 1..depth-1 reuse the graph.
+    Every instance's runner shares one code object, so dynamo's cache (kept per code object)
+    serves a new engine of the same architecture and max_rows too.
     """
 
-    def __init__(self, dit):
+    def __init__(self, dit, max_rows: int, backend: str | object = "inductor"):
         self.dit = dit
-        self.block = torch.compile(_run_block, fullgraph=True, dynamic=False)
+        self.max_rows = max_rows
+        self.block = torch.compile(_block_runner(max_rows), fullgraph=True, dynamic=False, backend=backend)
+
+    def _mark_rows(self, t: torch.Tensor) -> None:
+        # An unbacked row count makes no assumption about its value: a backed (mark_dynamic) size
+        # would specialise 1 and compile bucket 1 separately.
+        if _MARK_OPTIONS:
+            mark_unbacked(t, 0, min=1, max=self.max_rows, hint_override=self.max_rows)
+        else:
+            mark_unbacked(t, 0)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h, c = self.dit.embed(x, t, y)
-        # An unbacked row count makes no assumption about its value: a backed (mark_dynamic) size
-        # would specialise 1 and compile bucket 1 separately.
-        mark_unbacked(h, 0)
-        mark_unbacked(c, 0)
+        self._mark_rows(h)
+        self._mark_rows(c)
         for block in self.dit.blocks:
             h = self.block(block, h, c, self.dit.feat_rope)
         return self.dit.head(h, c)
+
+
+class DitForward:
+    """x, t, y -> float32 velocity through the (compiled or eager) DiT, under autocast to
+    `autocast_dtype` when given. Its own object, not a bound method of the engine, so the
+    CUDA-graph runner that holds it does not hold the engine."""
+
+    def __init__(self, model, device_type: str, autocast_dtype: torch.dtype | None = None):
+        self.model, self.device_type, self.autocast_dtype = model, device_type, autocast_dtype
+
+    def __call__(self, x, t, y):
+        ctx = (contextlib.nullcontext() if self.autocast_dtype is None
+               else torch.autocast(self.device_type, dtype=self.autocast_dtype))
+        with ctx:
+            return self.model(x, t, y).float()
+
+
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up. cuBLAS keeps a workspace (up to 32 MiB on
+    Hopper) per (handle, stream) for the life of the process: a fresh stream per capture would add one per
+    bucket and per hot swap, memory that no engine's close() can return."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
 
 
 class CudaGraphRunner:
@@ -102,7 +181,7 @@ class CudaGraphRunner:
         t = torch.zeros(rows, device=self.device)
         y = torch.full((rows,), self.null_class, dtype=torch.long, device=self.device)
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream(self.device)
+            side = _warmup_stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, autotuning)
                 for _ in range(3):
@@ -115,13 +194,21 @@ class CudaGraphRunner:
         self.graphs[rows] = (graph, x, t, y, out)
 
     def capture_all(self) -> None:
-        for rows in self.buckets:
+        # Largest first: it sizes the shared pool, the smaller captures reuse its freed blocks; and a
+        # compiled model's first call (its tuning) is at the size that carries the load.
+        for rows in sorted(self.buckets, reverse=True):
             if rows not in self.graphs:
                 self._capture(rows)
 
+    def close(self) -> None:
+        """Drop every graph, its static tensors and the pool handle (the pool is freed with the last graph)."""
+        self.graphs.clear()
+        self.pool = None
+        self.fn = None
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        bucket = next(b for b in self.buckets if b >= rows)
+        bucket = bucket_for(rows, self.buckets)
         if bucket not in self.graphs:  # only when warmup() was skipped
             self._capture(bucket)
         graph, sx, st, sy, out = self.graphs[bucket]
@@ -160,13 +247,10 @@ class TorchEngine(Engine):
             dit = lowp_dit(dit, self.dtype)  # converted where the weights are (the host), then moved
         self.dit = dit.to(self.dev)
         self.vae = bundle.vae.to(self.dev).eval()
-        forward = self._dit_call
-        self._compiled = RegionalCompiledDiT(self.dit) if compile else self.dit
-        self.graphs = None
-        if cuda_graphs:
-            self.graphs = CudaGraphRunner(self._dit_call, self.latent_shape, self.dev, max_rows, self.null_class)
-            forward = self.graphs
-        self._forward = forward
+        compiled = RegionalCompiledDiT(self.dit, max_rows) if compile else self.dit
+        self._dit_forward = DitForward(compiled, self.dev.type, self.dtype if self.autocast_dit else None)
+        self.graphs = self._make_graphs() if cuda_graphs else None
+        self._forward = self.graphs if self.graphs is not None else self._dit_forward
         mode = ("compiled blocks" if compile else "eager") + (", cuda graphs" if cuda_graphs else "")
         if self.dtype != torch.float32:
             mode += ", autocast" if self.autocast_dit else ", converted weights"
@@ -179,14 +263,23 @@ class TorchEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(self.dev.type, dtype=dtype)
 
-    def _dit_call(self, x, t, y):
-        with self._autocast(self.dtype if self.autocast_dit else torch.float32):
-            return self._compiled(x, t, y).float()
+    def _make_graphs(self) -> CudaGraphRunner:
+        return CudaGraphRunner(self._dit_forward, self.latent_shape, self.dev, self.max_rows, self.null_class)
 
     def warmup_rows(self) -> list[int]:
         # Graphs exist per bucket. Compiled blocks are one graph for all of them, but each row count's first
-        # call still grows the allocator and (on CUDA) picks library kernels: warm every one. Eager: one call.
-        return batch_buckets(self.max_rows) if self.compiled else [1]
+        # call still grows the allocator and (on CUDA) picks library kernels: warm every one, the largest
+        # first (the first compiled call is the one inductor tunes on). Eager: one call.
+        return sorted(batch_buckets(self.max_rows), reverse=True) if self.compiled else [1]
+
+    def close(self) -> None:
+        """Release the graphs, their pool and the modules now (a hot swap calls it on the old engine)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = self._forward = self._dit_forward = None
+        self.dit = self.vae = None
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back, so the memory shows as free at once
 
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -196,6 +289,8 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def velocity(self, x, t, y):
+        if self._forward is None:
+            raise EngineError("this engine was closed")
         x, t, y = x.to(self.dev, torch.float32), t.to(self.dev, torch.float32), y.to(self.dev, torch.long)
         if x.shape[0] <= self.max_rows:
             return self._forward(x, t, y)

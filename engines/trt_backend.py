@@ -15,6 +15,7 @@ import torch
 
 from engines.base import Engine, EngineError, EngineInfo
 from engines.manifest import DIT_PLAN, VAE_PLAN, check_artifacts
+from engines.trt_version import INSTALL_HINT, version_problem
 from model.bundle import ModelBundle
 from model.latents import to_uint8
 
@@ -25,7 +26,10 @@ def import_tensorrt():
         import tensorrt
     except ImportError as err:
         raise EngineError(f"TensorRT backend unavailable: the tensorrt Python package is not installed ({err}); "
-                          "pip install tensorrt (needs an NVIDIA GPU), or use backend torch/onnxruntime") from None
+                          f"{INSTALL_HINT}; or use backend torch/onnxruntime") from None
+    problem = version_problem(tensorrt)
+    if problem:
+        raise EngineError(f"TensorRT backend unavailable: {problem}")
     if not torch.cuda.is_available():
         raise EngineError("TensorRT backend unavailable: torch sees no CUDA GPU here")
     return tensorrt

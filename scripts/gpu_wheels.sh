@@ -9,7 +9,8 @@
 # below. The last step lists any requirement of these wheels that is neither downloaded nor
 # known to be on the image, so a new dependency (fastapi's opentelemetry-api was one) shows
 # up here rather than on the GPU machine. Versions follow this checkout's .venv when it exists (what the tests ran with), else
-# the newest on PyPI. .whl/ is git-ignored and travels with the tree (keep it under 64 MiB).
+# the newest on PyPI. .whl/ is git-ignored: name it in the device call's `carry` (docs/engines.md); the
+# tree and .whl/ together must stay under the 64 MiB a device carries (checked below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
@@ -33,8 +34,16 @@ for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_6
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   "${platforms[@]}" --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${pins[@]}" 2>&1 \
   | { grep -v "^WARNING: Location" || true; }
-du -sh .whl
 ls .whl
+# What a lent device carries: the working tree (tracked and untracked, not ignored) plus .whl (named in
+# `carry`), 64 MiB in all. Measured here so an oversized wheel fails now, not on the device.
+tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+wheels=$(du -sb .whl | cut -f1)
+echo "device carry: tree $((tree / 1048576)) MiB + .whl $((wheels / 1048576)) MiB = $(((tree + wheels) / 1048576)) MiB (limit 64 MiB)"
+if [ $((tree + wheels)) -ge $((64 * 1048576)) ]; then
+  echo "error: the tree and .whl/ exceed the 64 MiB a lent device carries" >&2
+  exit 1
+fi
 python3 - "$ON_IMAGE" "$PYV" <<'PY'
 import re, sys, zipfile, pathlib
 from pip._vendor.packaging.requirements import Requirement

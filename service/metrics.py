@@ -28,6 +28,9 @@ HTTP_REQUESTS = Counter(
 SSE_STREAMS = Gauge("ldit_sse_streams", "Open Server-Sent Events streams (GET /jobs/{id}/events) of this process.")
 PENDING_REQUESTS = Gauge("ldit_inference_pending_request_count", "Jobs in the queue stream (waiting or running).")
 CACHE_HITS = Counter("ldit_result_cache_hits", "Requests answered from the result cache.")
+IMAGE_ENCODES = Counter("ldit_image_format_answers", "Images answered in WebP or JPEG, by format and whether "
+                        "the encoded bytes came from the cache (hit) or were encoded from the PNG (miss).",
+                        ["format", "cache"])
 QUEUE_FULL = Counter("ldit_queue_full_rejections", "Requests refused with 429 because the queue was full.")
 
 # -- worker ---------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """The import rules between the layers (docs/architecture.md), read from the source with `ast`.
 
 Imports point down only: service -> engines -> model; build_engine.py -> engines, model;
-training -> model. Imports inside functions and `importlib.import_module` / `runpy.run_module`
-calls with a literal name count too, so a lazy import cannot slip past.
+training -> model; ldit_client (the `ldit` command) imports none of them. Imports inside
+functions and `importlib.import_module` / `runpy.run_module` calls with a literal name count too,
+so a lazy import cannot slip past.
 
 Inside service/, the rooms of docs/architecture.md: http/ (the API process) and worker/ (the worker
 process) never import each other; store/ (Redis state both share) and batches/ (sample sets) import
-neither; store/ does not import batches/; the ground floor (settings, metrics, logs, png, model_watch)
-imports none of the four; nothing imports service/runtime.py but service/__main__.py.
+neither; store/ does not import batches/; the ground floor (settings, metrics, logs, png, image_formats,
+model_watch) imports none of the four; nothing imports service/runtime.py but service/__main__.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("model", "engines", "service", "training", "build_engine")
+LAYERS = ("model", "engines", "service", "training", "build_engine", "ldit_client")
 # The other layers each one may import (itself always).
 ALLOWED = {
     "model": set(),
@@ -30,6 +31,7 @@ ALLOWED = {
     "service": {"engines", "model"},
     "training": {"model"},
     "build_engine": {"engines", "model"},
+    "ldit_client": set(),  # the `ldit` command speaks HTTP only: it works against any deployment
 }
 # `python -m model.<name>` forwards to `training.<name>` for one release (deprecation aliases).
 OLD_COMMANDS = ("train", "train_vae", "extract_latents", "demo")
@@ -111,7 +113,7 @@ def test_the_checker_finds_each_kind_of_edge(tmp_path: Path) -> None:
 
 # service/'s rooms: a module's room is its folder under service/ ("root" for the files at its top).
 ROOMS = ("http", "worker", "store", "batches")
-GROUND = ("settings", "metrics", "logs", "png", "model_watch")
+GROUND = ("settings", "metrics", "logs", "png", "image_formats", "model_watch")
 # The rooms each room may import (itself always); "root" here means the ground floor.
 ROOM_ALLOWED = {
     "http": {"store", "batches", "ground"},

@@ -23,6 +23,7 @@ from service.http.limits import BodySizeLimit
 from service.http.routes.batches import add_batch_routes, background
 from service.http.routes.events import add_event_routes
 from service.http.routes.jobs import add_job_routes, read_job
+from service.http.routes.openai_images import add_openai_routes
 from service.http.routes.system import add_system_routes
 from service.http.schemas import parse_json_int
 from service.http.waiter import ResultWaiter
@@ -92,9 +93,13 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
     app.add_middleware(AccessLog, route_of=lambda scope: route_of(app, scope))
 
     add_error_handlers(app)
-    add_job_routes(app, settings, keys, model, auth, guard)
-    add_event_routes(app, settings, keys, guard,
-                     lambda r, job_id, caller: read_job(r, keys, auth.owner(caller), job_id))
+
+    def job_of(r, job_id, caller):
+        return read_job(r, keys, auth.owner(caller), job_id)
+
+    generator = add_job_routes(app, settings, keys, model, auth, guard)
+    add_openai_routes(app, settings, keys, model, generator, guard, job_of)
+    add_event_routes(app, settings, keys, guard, job_of)
     add_batch_routes(app, settings, keys, model, guard, auth.owner)
     add_system_routes(app, settings, keys, model, auth)
     return app

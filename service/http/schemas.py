@@ -102,7 +102,19 @@ class SamplerChoice(BaseModel):
         None, description=f"Grid shift: 0 (none) or from {MIN_TIMESTEP_SHIFT} to 10.")
 
 
-class GenerateRequest(SamplerChoice):
+class OutputChoice(BaseModel):
+    """The image format of an answer (service/image_formats.py); an Accept header may choose it instead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_format: Literal["png", "webp", "jpeg"] | None = Field(None, description=(
+        "png (default), webp (lossless) or jpeg. Without it the Accept header chooses (q-values honoured)."))
+    output_compression: json_int(ge=0, le=100) | None = Field(None, description=(
+        "Quality 0-100: JPEG quality (default 90); WebP below 100 is lossy at that quality (default: lossless); "
+        "ignored for png."))
+
+
+class GenerateRequest(SamplerChoice, OutputChoice):
     class_label: json_int() | StrictStr = Field(
         description="Class id (an integer, or a string of ASCII digits), or a class name or synonym of this model.")
     seed: numeric_int(ge=0, lt=MAX_SEED) = Field(
@@ -269,3 +281,4 @@ class ErrorBody(BaseModel):
     error: str
     message: str
     detail: list[dict] | None = None
+

@@ -3,7 +3,8 @@
 A job travels as the fields of one Redis Stream entry. Its status lives in a
 hash `<p>:job:<id>`; its image in `<p>:result:<key>` where `key` is a content
 address (model version, class, seed, sampler settings), so identical requests
-share one result. Every key expires after `result_ttl_s`.
+share one result; the same image in WebP or JPEG is kept beside it in
+`<p>:result:<key>:<format tag>` once asked for. Every key expires after `result_ttl_s`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Keys:
 
     def result(self, key: str) -> str:
         return f"{self.prefix}:result:{key}"
+
+    def result_format(self, key: str, tag: str) -> str:
+        """The result `key` encoded as another format (service/image_formats.py: `OutputFormat.tag`)."""
+        return f"{self.prefix}:result:{key}:{tag}"
 
     def notify(self, api_id: str) -> str:
         return f"{self.prefix}:notify:{api_id}"

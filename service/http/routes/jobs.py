@@ -1,8 +1,11 @@
-"""POST /generate (wait for the PNG), POST /jobs (queue and answer at once), GET /jobs/{id} and its image."""
+"""POST /generate (wait for the image), POST /jobs (queue and answer at once), GET /jobs/{id} and its image.
+
+The image comes as PNG, WebP or JPEG: the body's `output_format`, else the Accept header's favourite
+(q-values honoured); 406 when the header accepts none of them (service/http/generation.py).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -11,19 +14,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
-from service.http.admission import Verdict
 from service.http.auth import Guard
 from service.http.errors import ERRORS, error
-from service.http.schemas import ErrorBody, GenerateRequest, JobAccepted, JobStatus, resolve_class, resolve_preset
-from service.http.waiter import ResultWaiter
+from service.http.generation import Generator, Refusal, choose_format, failure, format_fields
+from service.http.schemas import ErrorBody, GenerateRequest, JobAccepted, JobStatus
+from service.image_formats import MEDIA_TYPES, OutputFormat
 from service.model_watch import ModelWatcher
 from service.settings import Settings
-from service.store.capacity import row_steps
-from service.store.jobs import Job, Keys, ResultMeta, result_key
+from service.store.jobs import Keys, ResultMeta
 
 PNG = "image/png"
-LOST = ("the job's record is gone from Redis (it restarted without its data?); the image was not made: "
-        "send the request again")
+IMAGE_CONTENT = {media: {} for media in MEDIA_TYPES.values()}  # what an image answer's OpenAPI lists
 MAX_ECHO = 64  # longest client-sent id an error message repeats
 
 
@@ -31,9 +32,10 @@ def echo(text: str) -> str:
     return repr(text) if len(text) <= MAX_ECHO else repr(text[:MAX_ECHO]) + f"... ({len(text)} characters)"
 
 
-def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
-    """The PNG with this request's own timings. A cache hit queued and computed nothing
-    (0 ms, batch size 0); the timings of the request that made the image go in X-Original-*."""
+def image_response(blob: bytes, media_type: str, meta: ResultMeta, job_id: str, seed: int, cached: bool) -> Response:
+    """The image with this request's own timings. A cache hit queued and computed nothing
+    (0 ms, batch size 0); the timings of the request that made the image go in X-Original-*.
+    `Vary: Accept`: the same URL answers other formats to other Accept headers."""
     headers = {
         "X-Request-Id": job_id,
         "X-Seed": str(seed),
@@ -42,11 +44,18 @@ def png_response(png: bytes, meta: ResultMeta, job_id: str, seed: int, cached: b
         "X-Batch-Size": "0" if cached else str(meta.batch_size),
         "X-Model-Version": meta.model_version,
         "X-Cache": "hit" if cached else "miss",
+        "Vary": "Accept",
     }
     if cached:
         headers.update({"X-Original-Queue-Ms": f"{meta.queue_ms:.1f}", "X-Original-Compute-Ms": f"{meta.compute_ms:.1f}",
                         "X-Original-Batch-Size": str(meta.batch_size)})
-    return Response(png, media_type=PNG, headers=headers)
+    return Response(blob, media_type=media_type, headers=headers)
+
+
+def refused(ref: Refusal) -> JSONResponse:
+    """A Refusal in this API's own error shape (the OpenAI route has its own)."""
+    detail = [{"field": ref.field, "message": ref.message, "type": ref.kind or ref.code}] if ref.field else None
+    return error(ref.status, ref.code, ref.message, detail, headers=ref.headers or None)
 
 
 async def read_job(r: aioredis.Redis, keys: Keys, owner: str, job_id: str) -> tuple[JobStatus, dict[str, str]] | None:
@@ -67,120 +76,57 @@ async def read_job(r: aioredis.Redis, keys: Keys, owner: str, job_id: str) -> tu
     return st, d
 
 
-def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, auth: Guard, guard) -> None:
-    """`guard`: the dependency that authenticates a caller (its key), `auth`: the Guard behind it."""
-
-    async def make_job(req: GenerateRequest, reply_to: str) -> Job:
-        model.poll()
-        spec, version = model.spec, model.version
-        class_id = resolve_class(spec, req.class_label)
-        preset = resolve_preset(spec, req)
-        return Job(class_id=class_id, seed=req.seed, preset=preset,
-                   key=result_key(version, class_id, req.seed, preset),
-                   deadline=time.time() + settings.request_timeout_s, reply_to=reply_to, cost=row_steps(preset))
-
-    async def cached(r: aioredis.Redis, key: str) -> tuple[bytes, ResultMeta] | None:
-        png, meta = await r.hmget(keys.result(key), ["png", "meta"])
-        if png is None or meta is None:
-            return None
-        return png, ResultMeta.from_json(meta)
-
-    async def enqueue(request: Request, job: Job, endpoint: str, caller: str) -> Verdict | JSONResponse:
-        """Admit the job (service/http/admission.py), or the refusal to answer with."""
-        fields = {"status": "queued", "key": job.key, "seed": job.seed, "enqueued_at": repr(job.enqueued_at),
-                  "owner": auth.owner(caller)}
-        verdict = await request.app.state.admission.admit(job, fields, need_worker=endpoint == "generate")
-        if verdict.accepted or verdict.outcome == "cached":
-            return verdict
-        metrics.REQUEST_FAILURE.labels(endpoint, verdict.outcome).inc()
-        if verdict.outcome == "too_long":
-            return error(422, "invalid_request", verdict.message,
-                         [{"field": "steps", "message": verdict.message, "type": "too_long"}])
-        status, code = {"no_worker": (503, "no_worker"), "full": (429, "queue_full")}.get(
-            verdict.outcome, (429, "over_capacity"))
-        return error(status, code, verdict.message, headers={"Retry-After": str(verdict.retry_after)})
+def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWatcher, auth: Guard, guard) -> Generator:
+    """`guard`: the dependency that authenticates a caller (its key), `auth`: the Guard behind it.
+    Returns the Generator the routes use (the OpenAI route shares it)."""
+    gen = Generator(settings, keys, model, auth)
 
     async def job_record(r: aioredis.Redis, job_id: str, caller: str) -> tuple[JobStatus, dict[str, str]] | None:
         return await read_job(r, keys, auth.owner(caller), job_id)
 
-    def failure_response(st: JobStatus, endpoint: str) -> JSONResponse:
-        metrics.REQUEST_FAILURE.labels(endpoint, st.error or "failed").inc()
-        if st.error == "timeout":
-            return error(504, "timeout", st.message or "the request timed out")
-        if st.error == "lost":
-            return error(503, "lost", st.message or LOST, headers={"Retry-After": "1"})
-        return error(500, st.error or "failed", st.message or "generation failed")
+    async def answer(r: aioredis.Redis, key: str, png: bytes, fmt: OutputFormat, meta: ResultMeta, job_id: str,
+                     seed: int, cached: bool) -> Response:
+        blob = await gen.encoded(r, key, png, fmt)
+        return image_response(blob, fmt.media_type, meta, job_id, seed, cached)
+
+    image_responses = {200: {"content": IMAGE_CONTENT, "description": (
+        "The image: PNG, WebP (lossless unless output_compression < 100) or JPEG, by `output_format` or the "
+        "Accept header.")}, 406: {"model": ErrorBody, "description": "The Accept header accepts no format we make."}}
 
     @app.post("/generate", response_class=Response, responses={
-        200: {"content": {PNG: {}}, "description": "The PNG."},
-        **ERRORS, 500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+        **image_responses, **ERRORS, 500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def generate(req: GenerateRequest, request: Request, caller: str = guard):
-        """Generate one image and answer with the PNG once it is ready."""
+        """Generate one image and answer with it once it is ready (PNG unless asked otherwise)."""
         start = time.perf_counter()
-        r: aioredis.Redis = request.app.state.redis
-        waiter: ResultWaiter = request.app.state.waiter
-        job = await make_job(req, waiter.channel)
-        hit = await cached(r, job.key)
-        if hit:
-            metrics.CACHE_HITS.inc()
-            metrics.REQUEST_SUCCESS.labels("generate").inc()
-            return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
-        fut = waiter.register(job.id)
-        try:
-            verdict = await enqueue(request, job, "generate", caller)
-            if isinstance(verdict, JSONResponse):
-                return verdict
-            waiter.queued(job.id)
-            if verdict.outcome == "cached":  # stored between our first look and the admission
-                hit = await cached(r, job.key)
-                if not hit:
-                    return error(503, "unavailable", "the result expired as it was read; retry",
-                                 headers={"Retry-After": "1"})
-                metrics.CACHE_HITS.inc()
-                metrics.REQUEST_SUCCESS.labels("generate").inc()
-                return png_response(hit[0], hit[1], job.id, job.seed, cached=True)
-            try:
-                reply = await asyncio.wait_for(fut, timeout=settings.request_timeout_s + 2.0)
-            except asyncio.TimeoutError:
-                metrics.REQUEST_FAILURE.labels("generate", "timeout").inc()
-                return error(504, "timeout", f"no result within {settings.request_timeout_s:g} s")
-        finally:
-            waiter.forget(job.id)
-        if reply is not None and reply.png is not None:  # the worker sent the image with its wake-up
-            metrics.REQUEST_SUCCESS.labels("generate").inc()
+        fmt = choose_format(request.headers.get("accept"), req.output_format, req.output_compression, strict=True)
+        if isinstance(fmt, Refusal):
+            return refused(fmt)
+        job = gen.make_job(req.class_label, req.seed, req, request.app.state.waiter.channel)
+        made = await gen.run(request, job, "generate", caller, job_record)
+        if isinstance(made, Refusal):
+            return refused(made)
+        if not made.cached:
             metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
-            return png_response(reply.png, ResultMeta.from_json(reply.status["meta"]), job.id, job.seed, cached=False)
-        record = await job_record(r, job.id, caller)
-        if record is None or record[0].status != "done":
-            return failure_response(record[0] if record else JobStatus(id=job.id, status="failed", error="lost"),
-                                    "generate")
-        hit = await cached(r, record[1]["key"])  # the worker's key: the version that really made it
-        if not hit:
-            return error(500, "lost", "the result expired before it could be read")
-        metrics.REQUEST_SUCCESS.labels("generate").inc()
-        metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
-        return png_response(hit[0], hit[1], job.id, job.seed, cached=False)
+        return await answer(request.app.state.redis, made.key, made.png, fmt, made.meta, job.id, job.seed, made.cached)
 
     @app.post("/jobs", status_code=202, response_model=JobAccepted,
               responses={**ERRORS, 503: {"model": ErrorBody}})
     async def submit(req: GenerateRequest, request: Request, caller: str = guard):
-        """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image."""
+        """Queue a job and answer at once; poll /jobs/{id}, fetch /jobs/{id}/image (in `output_format` unless
+        its Accept header says otherwise)."""
         r: aioredis.Redis = request.app.state.redis
-        job = await make_job(req, reply_to="")
-        hit = await cached(r, job.key)
+        job = gen.make_job(req.class_label, req.seed, req, reply_to="")
+        extra = format_fields(req.output_format, req.output_compression)
+        hit = await gen.cached(r, job.key)
         if not hit:
-            verdict = await enqueue(request, job, "jobs", caller)
-            if isinstance(verdict, JSONResponse):
-                return verdict
-            if verdict.outcome == "cached":  # stored between our first look and the admission
-                hit = await cached(r, job.key)
+            outcome = await gen.enqueue(request, job, "jobs", caller, extra)
+            if isinstance(outcome, Refusal):
+                return refused(outcome)
+            if outcome == "cached":  # stored between our first look and the admission
+                hit = await gen.cached(r, job.key)
         if hit:
             metrics.CACHE_HITS.inc()
-            pipe = r.pipeline(transaction=True)
-            pipe.hset(keys.job(job.id), mapping={"status": "done", "key": job.key, "seed": job.seed, "cache": "hit",
-                                                 "meta": hit[1].to_json(), "owner": auth.owner(caller)})
-            pipe.expire(keys.job(job.id), settings.result_ttl_s)
-            await pipe.execute()
+            await gen.record_hit(r, job, hit[1], caller, extra)
             status = "done"
         else:
             status = "queued"
@@ -194,19 +140,28 @@ def add_job_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelWat
         return record[0]
 
     @app.get("/jobs/{job_id}/image", response_class=Response,
-             responses={200: {"content": {PNG: {}}}, **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+             responses={**image_responses, **ERRORS, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
                         500: {"model": ErrorBody}, 504: {"model": ErrorBody}})
     async def get_job_image(job_id: str, request: Request, caller: str = guard):
+        """The job's image: in the format its request asked for, unless the Accept header prefers another."""
         r = request.app.state.redis
         record = await job_record(r, job_id[:MAX_ECHO], caller)
         if record is None:
             return error(404, "not_found", f"no job {echo(job_id)} (unknown or expired)")
         st, fields = record
         if st.status == "failed":
-            return failure_response(st, "jobs")
+            return refused(failure(st, "jobs"))
         if st.status != "done":
             return error(409, "not_ready", f"job is {st.status}", headers={"Retry-After": "1"})
-        hit = await cached(r, fields["key"])
+        quality = fields.get("output_compression")
+        fmt = choose_format(request.headers.get("accept"), fields.get("output_format"),
+                            int(quality) if quality else None, strict=False)
+        if isinstance(fmt, Refusal):
+            return refused(fmt)
+        hit = await gen.cached(r, fields["key"])
         if not hit:
             return error(404, "expired", "the image expired")
-        return png_response(hit[0], hit[1], job_id, int(fields.get("seed", 0)), cached=fields.get("cache") == "hit")
+        return await answer(r, fields["key"], hit[0], fmt, hit[1], job_id, int(fields.get("seed", 0)),
+                            cached=fields.get("cache") == "hit")
+
+    return gen

@@ -1,0 +1,3 @@
+from ldit_client.cli import main
+
+main()
