@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="A connection must deliver a whole request head (and each body chunk) within this."
     )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="A request's whole body must arrive within this from the end of its head; else 408 "
+        "(a body sent a byte at a time cannot hold a connection longer).",
+    )
     max_http_connections: int = Field(
         512, ge=1, description="Client connections above this get 503 with Retry-After and are closed."
     )

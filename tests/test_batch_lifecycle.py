@@ -281,3 +281,57 @@ def fill(volume: Path) -> Path:
     st = os.statvfs(volume)
     assert st.f_bavail == 0, "the tmpfs still has room"
     return ballast
+
+
+def test_a_failed_set_reserves_no_bytes(stack):
+    """A set stopped by a full disk holds nothing once it has failed: with the disk freed, a set that needs
+    the failed set's bytes of the budget is accepted (it was refused with 507 for the whole TTL)."""
+    api, r, vol = stack["api"], stack["redis"], stack["dirs"]["flaky"]
+    a = post_set(api, {"classes": "all", "per_class": 20, "steps": 8, "volume": "flaky"})
+    wait_for(lambda: status(api, a["id"])["done"] >= 5, 120, "5 images of the set")
+    (vol / "FULL").touch()
+    try:
+        sa = wait_for(lambda: (s := status(api, a["id"]))["status"] != "running" and s, 120, "the set to fail")
+        assert sa["status"] == "failed" and sa["error"] == "disk_full", sa
+    finally:
+        (vol / "FULL").unlink()
+    others = sum(json.loads(v)["bytes"] for k, v in r.hgetall(KEYS.batch_held).items() if k.decode() != a["id"])
+    per_class = (BUDGET - others) // IMAGE_BYTES  # fits beside the running and finished sets, not beside `a`
+    assert (per_class + 1) * IMAGE_BYTES + others > BUDGET - 200 * IMAGE_BYTES
+    b = httpx.post(f"{api}/batches", json={"classes": [0], "per_class": per_class, "steps": 2})
+    assert b.status_code == 202, b.text
+    assert status(api, a["id"])["error"] == "disk_full"  # the failed set's record stays, with its reason
+    for batch_id in (a["id"], b.json()["id"]):
+        assert httpx.delete(f"{api}/batches/{batch_id}").status_code == 200
+
+
+def test_a_set_past_its_ttl_fails_with_timeout(stack):
+    """A set that cannot finish within LDIT_BATCH_TTL_S fails saying `timeout`, with a message (both were
+    null)."""
+    api, alice = stack["keyed"], {"Authorization": "Bearer alice"}
+    b = post_set(api, {"classes": [2], "per_class": 24, "steps": 1000}, alice)
+    st = wait_for(lambda: (s := status(api, b["id"], alice))["status"] != "running" and s, SHORT_TTL_S + 60,
+                  "the set to time out")
+    assert st["status"] == "failed" and st["failed"] > 0, st
+    assert st["error"] == "timeout" and "LDIT_BATCH_TTL_S" in st["message"], st
+    assert httpx.delete(f"{api}/batches/{b['id']}", headers=alice).status_code == 200
+
+
+def test_a_small_set_reports_a_sensible_rate(stack):
+    """Six images that share their batches: images/s is the set's images over the time it ran, not over the
+    milliseconds between its first and last image (1721 images/s for a set of six that took a second)."""
+    api = stack["api"]
+    posted = time.time()
+    b = post_set(api, {"classes": [1, 2], "per_class": 3, "steps": 200})
+    last_running = None
+    while (st := status(api, b["id"]))["status"] == "running":
+        last_running = time.time()
+        time.sleep(0.02)
+    ended = time.time()
+    assert st["status"] == "done" and st["done"] == 6, st
+    assert last_running is not None and last_running - posted > 0.2, "the set must run long enough to be timed"
+    rate = st["images_per_s"]
+    assert rate is not None and 6 / (ended - posted) <= rate <= 1.5 * 6 / (last_running - posted), (
+        rate, ended - posted, last_running - posted)
+    assert st["eta_s"] == 0.0
+    assert httpx.delete(f"{api}/batches/{b['id']}").status_code == 200

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -203,3 +204,130 @@ def test_embedded_redis_dies_with_a_killed_service(bundle_dir):
         time.sleep(0.1)
     assert gone(redis_pids[0]), "the embedded redis-server outlived its SIGKILLed parent"
     assert not data_dir.exists(), f"{data_dir} left behind"
+
+
+BODY_DEADLINE_S = 2.0  # LDIT_BODY_TIMEOUT_S of the `door` service
+CHUNKED_HEAD = (b"POST /jobs HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\n\r\n")
+DRIP = b"1\r\n \r\n"  # one body byte as one chunk
+
+
+@pytest.fixture(scope="module")
+def door(bundle_dir):
+    """An API with a cap of 100 connections, a 2 s deadline for a whole body and 5 s for a request head,
+    so a body sent a byte a second is cut by the body's deadline, not by the gap between its bytes."""
+    from tests.service_harness import have_redis_server, start_redis
+
+    server = start_redis("debian" if have_redis_server() else "embedded")
+    sp = start_service("api", {"LDIT_REDIS_URL": server.url, "LDIT_MODEL_DIR": str(bundle_dir),
+                               "LDIT_MAX_HTTP_CONNECTIONS": "100", "LDIT_HEADER_TIMEOUT_S": "5",
+                               "LDIT_BODY_TIMEOUT_S": str(BODY_DEADLINE_S)})
+    yield sp
+    sp.stop()
+    server.stop()
+
+
+def drip_until_answered(sock: socket.socket, seconds: float) -> bytes:
+    """Send a body byte a second until the server answers and closes (or `seconds` pass); what it sent."""
+    end, got = time.monotonic() + seconds, []
+    sock.settimeout(0.2)
+    next_drip = 0.0
+    while time.monotonic() < end:
+        if time.monotonic() >= next_drip:
+            try:
+                sock.sendall(DRIP)
+            except OSError:
+                pass
+            next_drip = time.monotonic() + 1.0
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        got.append(data)
+    return b"".join(got)
+
+
+def test_a_dripping_body_gets_408_at_the_body_deadline(door):
+    """A chunked body sent a byte a second: each gap is within the head timeout, the whole body is not
+    within its deadline: 408 once the deadline passes (it used to hold the connection for hours)."""
+    sock = connect(door.url)
+    try:
+        sock.sendall(CHUNKED_HEAD)
+        start = time.monotonic()
+        answer = drip_until_answered(sock, BODY_DEADLINE_S + 6)
+        took = time.monotonic() - start
+    finally:
+        sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b" 408 " in head.split(b"\r\n")[0], answer[:300]
+    err = json.loads(body)
+    assert err["error"] == "request_timeout" and err["detail"][0]["field"] == "body", err
+    assert took < BODY_DEADLINE_S + 1.5, took
+
+
+def test_dripping_bodies_at_the_cap_keep_no_one_out_past_the_body_deadline(door):
+    """100 chunked bodies dripping a byte a second fill the cap of 100; a fresh client is let in within
+    the body deadline plus a second, and every dripper got its 408."""
+    drippers = [connect(door.url) for _ in range(100)]
+    stop = threading.Event()
+    answers: dict[int, bytes] = {}
+
+    def drip(i: int, sock: socket.socket) -> None:
+        answers[i] = drip_until_answered(sock, BODY_DEADLINE_S + 8)
+
+    try:
+        for s in drippers:
+            s.sendall(CHUNKED_HEAD)
+        start = time.monotonic()
+        threads = [threading.Thread(target=drip, args=(i, s), daemon=True) for i, s in enumerate(drippers)]
+        for t in threads:
+            t.start()
+        let_in = None
+        while let_in is None and time.monotonic() - start < BODY_DEADLINE_S + 6:
+            try:
+                if httpx.get(f"{door.url}/healthz", timeout=2).status_code == 200:
+                    let_in = time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join(15)
+    finally:
+        for s in drippers:
+            s.close()
+    assert let_in is not None and let_in <= BODY_DEADLINE_S + 1, let_in
+    timed_out = sum(b" 408 " in a.split(b"\r\n")[0] for a in answers.values())
+    assert timed_out == 100, {a[:40] for a in answers.values()}
+
+
+def test_the_connection_cap_answers_with_a_real_503(door):
+    """Beyond the cap, a client reads a 503 with Retry-After even when its body follows its head a moment
+    later (as a streamed body does): the server must read the request before closing, or the close turns
+    its answer into a connection reset."""
+    body = json.dumps({"class_label": 1, "seed": 1}).encode()
+    held = [connect(door.url) for _ in range(100)]
+    try:
+        outcomes = []
+        for i in range(20):
+            sock = connect(door.url)
+            try:
+                sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n" % len(body))
+                time.sleep(0.05 * (i % 2))  # half of them send the body a moment after the head
+                sock.sendall(body)
+                answer = read_to_close(sock)
+                head, _, text = answer.partition(b"\r\n\r\n")
+                outcomes.append((head.split(b" ")[1], b"retry-after: 1" in head.lower(), json.loads(text)["error"]))
+            except OSError as err:
+                outcomes.append(repr(err))
+            finally:
+                sock.close()
+    finally:
+        for s in held:
+            s.close()
+    assert outcomes == [(b"503", True, "overloaded")] * 20, outcomes

@@ -1,6 +1,9 @@
 """The Lua scripts of sample sets: each changes a set's records in one atomic step (service/batches/sets.py)."""
 
-# KEYS: batch hash, done bitmap, stream. ARGV: index, group, entry id, now, outcome ("done"|"failed").
+# KEYS: batch hash, done bitmap, stream. ARGV: index, group, entry id, now, outcome ("done"|"failed"),
+# error and message of a failed image ("": none), when the image started (its sample's admission; "": unknown).
+# The first failure's reason becomes the set's `error` and `message` (a stop's reason, set before, stays);
+# `started_at` is the earliest start of a finished image (the set's images/s counts from it).
 RECORD_LUA = """
 local counted = 0
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('SETBIT', KEYS[2], ARGV[1], 1) == 0 then
@@ -10,6 +13,14 @@ if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('SETBIT', KEYS[2], ARGV[1],
   if field == 'done' then
     redis.call('HSETNX', KEYS[1], 'first_done_at', ARGV[4])
     redis.call('HSET', KEYS[1], 'last_done_at', ARGV[4])
+    local started = tonumber(ARGV[8] or '')
+    if started then
+      local before = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
+      if not before or started < before then redis.call('HSET', KEYS[1], 'started_at', ARGV[8]) end
+    end
+  elseif (ARGV[6] or '') ~= '' then
+    redis.call('HSETNX', KEYS[1], 'error', ARGV[6])
+    redis.call('HSETNX', KEYS[1], 'message', ARGV[7])
   end
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
@@ -28,10 +39,16 @@ return counted
 """
 
 # KEYS: held, batch hash, batches zset. ARGV: id, bytes, volume, max bytes (0: none), expire s, created at,
-# the hash's fields as a JSON list. Returns {1, held before} or {0, held} when the budget has no room.
+# the hash's fields as a JSON list, key prefix. Returns {1, held before} or {0, held} when the budget has no
+# room. A failed set holds nothing (its file is useless and the sweeper removes it): it is not counted.
 CREATE_LUA = """
 local held = 0
-for _, v in ipairs(redis.call('HVALS', KEYS[1])) do held = held + cjson.decode(v)['bytes'] end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if redis.call('HGET', ARGV[8] .. ':batch:' .. all[i], 'status') ~= 'failed' then
+    held = held + cjson.decode(all[i + 1])['bytes']
+  end
+end
 local need, most = tonumber(ARGV[2]), tonumber(ARGV[4])
 if most > 0 and held + need > most then return {0, held} end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({bytes = need, volume = ARGV[3]}))

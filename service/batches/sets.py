@@ -13,9 +13,12 @@ Redis). Downloads stream the file (`.npz`) or PNGs encoded from it (`.tar`) chun
 
 Cleaning up: a set reserves its full size in `<p>:batches:held` (checked against the budget,
 atomically with its record) before its file exists, and keeps it until the file is removed.
+A failed set reserves nothing from the moment it fails (it cannot be downloaded): the budget
+and the volumes' room leave it out, and the sweeper (service/batches/upkeep.py) removes its
+file and reservation, keeping its record (and so its `error` and `message`) until it expires.
 Its records expire `ttl_s` after it completes or fails (2 x `ttl_s` after creation while
-it runs, a bound for a set no worker finishes), and the sweeper (service/batch_sweeper.py)
-removes files whose records are gone. DELETE removes the records first, then its queued
+it runs, a bound for a set no worker finishes; images not made by then fail with `timeout`),
+and the sweeper removes files whose records are gone. DELETE removes the records first, then its queued
 jobs and its file; workers drop the samples of a set that is gone or stopped. A write that
 fails with ENOSPC or EIO stops the set with that reason; other sets are not touched.
 """
@@ -120,6 +123,23 @@ async def held(r: aioredis.Redis, keys: Keys) -> dict[str, tuple[int, str]]:
     return out
 
 
+async def statuses(r: aioredis.Redis, keys: Keys, ids: list[str]) -> list[str | None]:
+    """Each set's status (running, done, failed), None for a set whose record is gone: one round trip."""
+    if not ids:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.hget(keys.batch(batch_id), "status")
+    return [s.decode() if s is not None else None for s in await pipe.execute()]
+
+
+async def running(r: aioredis.Redis, keys: Keys) -> dict[str, tuple[int, str]]:
+    """The sets still running: id -> (bytes, volume). Only they will write more into their files."""
+    found = await held(r, keys)
+    ids = list(found)
+    return {i: found[i] for i, st in zip(ids, await statuses(r, keys, ids), strict=True) if st == "running"}
+
+
 async def create(r: aioredis.Redis, keys: Keys, spec: BatchSpec, batch_dir: Path, ttl_s: int,
                  max_bytes: int = 0) -> None:
     """Reserve the set's bytes and record it (one atomic step), then make its file on `batch_dir`
@@ -130,7 +150,7 @@ async def create(r: aioredis.Redis, keys: Keys, spec: BatchSpec, batch_dir: Path
     script = r.register_script(CREATE_LUA)
     ok, before = await script(keys=[keys.batch_held, keys.batch(spec.id), keys.batches],
                               args=[spec.id, spec.nbytes, spec.volume, max_bytes, 2 * ttl_s, spec.created_at,
-                                    json.dumps(flat)])
+                                    json.dumps(flat), keys.prefix])
     if not ok:
         left = max(0, max_bytes - int(before))
         raise NoRoom("budget", spec.nbytes, left,
@@ -247,12 +267,17 @@ async def read(r: aioredis.Redis, keys: Keys, batch_id: str) -> tuple[BatchSpec,
 
 
 def progress(spec: BatchSpec, f: dict[str, str], now: float) -> dict:
-    """done / total, images per second since the first image, and the time left at that rate."""
+    """done / total, images per second over the time the set has run (from the start of its first
+    finished image to its last, or to now while it runs), and the time left at that rate."""
     done, failed = int(f.get("done", 0)), int(f.get("failed", 0))
     first, last = float(f.get("first_done_at", 0) or 0), float(f.get("last_done_at", 0) or 0)
+    started = float(f.get("started_at", 0) or 0)
     finished = f.get("status") in ("done", "failed")
-    span = (last if finished else now) - first
-    rate = (done - 1) / span if first and done > 1 and span > 0 else None
+    end = last if finished else now
+    if started and done and end > started:
+        rate = done / (end - started)
+    else:  # a record from before `started_at` was kept: the images after the first, over their span
+        rate = (done - 1) / (end - first) if first and done > 1 and end > first else None
     left = spec.total - done - failed
     return {"done": done, "failed": failed, "total": spec.total, "enqueued": int(f.get("enqueued", 0)),
             "error": f.get("error"), "message": f.get("message"), "bytes": spec.nbytes, "volume": spec.volume,

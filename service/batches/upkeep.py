@@ -5,7 +5,8 @@ every API process runs the sweeper; one at a time sweeps, under a lease, as with
 A pass removes, on every volume, each set directory whose record is gone (expired, deleted by
 a process that died before removing it, or made by one that died before recording it: the
 record is written first, so a file without one is never a set being created), then releases
-the reserved bytes of sets whose file is gone.
+the reserved bytes of sets whose file is gone, and removes the file of each failed set (it
+cannot be downloaded) and its reservation, keeping its record (its `error` and `message`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ async def sweep(r: aioredis.Redis, keys: Keys, volumes: dict[str, Path], lease_m
                     log.info("swept the file of sample set %s", batch_id)
         held = await batches.held(r, keys)
         ids = list(held)
-        for batch_id, alive in zip(ids, await exist(r, keys, ids), strict=True):
+        for batch_id, status in zip(ids, await batches.statuses(r, keys, ids), strict=True):
             root = volumes.get(held[batch_id][1])
-            if not alive and (root is None or not batch_disk.set_dir(root, batch_id).exists()):
+            if status == "failed" and root is not None:  # useless (no download): its bytes go now, its record stays
+                if await asyncio.to_thread(batch_disk.remove_set, root, batch_id):
+                    await r.hdel(keys.batch_held, batch_id)
+                    removed += 1
+                    log.info("removed the file of failed sample set %s", batch_id)
+            elif status is None and (root is None or not batch_disk.set_dir(root, batch_id).exists()):
                 await r.hdel(keys.batch_held, batch_id)
                 await r.zrem(keys.batches, batch_id)
         metrics.BATCH_FILES_SWEPT.inc(removed)

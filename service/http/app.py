@@ -85,7 +85,8 @@ def create_app(settings: Settings, model: ModelWatcher, redis_url: str) -> FastA
                   docs_url=None, redoc_url=None)  # served below from local assets (service/http/docs_ui.py)
     app.router.route_class = JsonRoute
     mount_docs(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.header_timeout_s)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, read_timeout_s=settings.header_timeout_s,
+                       body_timeout_s=settings.body_timeout_s)
     if settings.cors_origins.strip():
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in settings.cors_origins.split(",")],
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"])

@@ -110,6 +110,7 @@ class Generator:
             outcome = await self.enqueue(request, job, endpoint, caller, extra)
             if isinstance(outcome, Refusal):
                 return outcome
+            waiter.queued(job.id)  # in Redis now: a record found gone later means Redis lost the job
             if outcome == "cached":  # stored between our first look and the admission
                 hit = await self.cached(r, job.key)
                 if not hit:
@@ -158,10 +159,16 @@ class Generator:
         return blob
 
 
+LOST = ("the job's record is gone from Redis (it restarted without its data?); the image was not made: "
+        "send the request again")
+
+
 def failure(st: JobStatus, endpoint: str) -> Refusal:
     metrics.REQUEST_FAILURE.labels(endpoint, st.error or "failed").inc()
     if st.error == "timeout":
         return Refusal(504, "timeout", st.message or "the request timed out")
+    if st.error == "lost":
+        return Refusal(503, "lost", st.message or LOST, headers={"Retry-After": "1"})
     return Refusal(500, st.error or "failed", st.message or "generation failed")
 
 

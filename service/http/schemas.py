@@ -94,7 +94,8 @@ class SamplerChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: StrictStr | None = Field(None, max_length=64, description="Sampler preset; default: the model's.")
-    steps: json_int(ge=2, le=1000) | None = Field(None, description="Time-grid points (N points = N-1 steps).")
+    steps: json_int(ge=2, le=1000) | None = Field(None, description=(
+        "Time-grid points (N points = N-1 steps): 100 runs 99 Euler steps, and its progress events count of 99."))
     cfg_scale: json_number(ge=0, le=100) | None = Field(None, description="CFG scale (<= 1: off).")
     cfg_interval_start: json_number(ge=0, le=1) | None = Field(None, description="Guide only from this t (0 = noise) on.")
     timestep_shift: json_number(ge=0, le=10) | None = Field(

@@ -4,9 +4,14 @@
 * `header_timeout_s`: a connection must deliver a whole request head within this, from
   its opening or from the first byte of its next request; a silent or trickling client
   (slowloris) is dropped. uvicorn has no such timer, hence the protocol subclass below.
-  Slow bodies are bounded by service/http/limits.py with the same setting.
-* `max_http_connections`: a connection beyond it gets a 503 JSON answer with Retry-After
-  and is closed at once, so idle sockets cannot use up the process's file descriptors.
+  Slow bodies are bounded by service/http/limits.py (a pause between body chunks: the same
+  setting; the whole body: `body_timeout_s`).
+* `max_http_connections`: a connection beyond it gets a 503 JSON answer with Retry-After at
+  once, so idle sockets cannot use up the process's file descriptors. It is not closed
+  outright: the server half-closes it (its answer and a FIN go out) and reads and drops
+  what the client sends until the client closes, or `REFUSED_LINGER_S` passes. Closing
+  with a request unread makes the kernel answer with a reset, and a client that was
+  still sending its request then loses the 503 it had not read yet.
 * `trusted_proxies`: X-Forwarded-For / X-Forwarded-Proto are believed only from these
   peers (uvicorn believes 127.0.0.1 by default, which let any local client pick its own
   address and escape the per-client rate limit). Empty: the client is the TCP peer.
@@ -35,6 +40,7 @@ def _canned_503() -> bytes:
 
 
 OVERLOADED = _canned_503()
+REFUSED_LINGER_S = 2.0  # the longest a refused connection is read (and dropped) before it is closed
 
 
 def protocol_class(settings: Settings) -> type[asyncio.Protocol]:
@@ -43,6 +49,7 @@ def protocol_class(settings: Settings) -> type[asyncio.Protocol]:
 
     class GuardedHttpProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _refused: asyncio.TimerHandle | None = None  # set on a connection beyond the cap: when to close it
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -50,15 +57,23 @@ def protocol_class(settings: Settings) -> type[asyncio.Protocol]:
                 log.info("connection refused: %d open", len(self.connections))
                 metrics.HTTP_CONNECTIONS_REFUSED.inc()
                 transport.write(OVERLOADED)
-                transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()  # the answer, then FIN; the request is still read (and dropped)
+                    self._refused = self.loop.call_later(REFUSED_LINGER_S, transport.close)
+                else:
+                    transport.close()
                 return
             self._arm_header_timer()
 
         def connection_lost(self, exc) -> None:
             self._cancel_header_timer()
+            if self._refused is not None:
+                self._refused.cancel()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused is not None:
+                return  # a refused connection's request: read, so that closing it sends no reset
             if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
                 self._arm_header_timer()  # the first byte of the next request on a kept-alive connection
             super().data_received(data)

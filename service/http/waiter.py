@@ -6,7 +6,9 @@ reading the result back from Redis (service/store/scripts.py's END script). A
 single listener task resolves the matching future, so no request polls and no
 request holds a Redis connection while it waits. If the subscription drops
 (Redis restarted), the listener reconnects and checks every waiting job's status
-once, so a notification lost in between costs no request.
+once, so a notification lost in between costs no request; a job whose record is
+gone (a Redis that came back without its data) wakes its request at once, which
+then answers that the job was lost instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ResultWaiter:
         self.api_id = uuid.uuid4().hex[:12]
         self.channel = keys.notify(self.api_id)
         self._futures: dict[str, asyncio.Future] = {}
+        self._queued: set[str] = set()  # waiting jobs whose admission has returned: their record exists
         self._task: asyncio.Task | None = None
         self._subscribed = asyncio.Event()
 
@@ -59,8 +62,14 @@ class ResultWaiter:
         self._futures[job_id] = fut
         return fut
 
+    def queued(self, job_id: str) -> None:
+        """Call once the job is in Redis: from then on, a record found missing means the job was lost."""
+        if job_id in self._futures:
+            self._queued.add(job_id)
+
     def forget(self, job_id: str) -> None:
         self._futures.pop(job_id, None)
+        self._queued.discard(job_id)
 
     def _wake(self, job_id: str, reply: Reply | None = None) -> None:
         fut = self._futures.pop(job_id, None)
@@ -83,8 +92,13 @@ class ResultWaiter:
         await subscribe_forever(self.r, self.channel, self._on_message, subscribed)
 
     async def _recheck(self) -> None:
-        """After (re)subscribing: wake every waiter whose job already ended."""
-        for job_id in list(self._futures):
-            status = await self.r.hget(self.keys.job(job_id), "status")
-            if status in (b"done", b"failed"):
+        """After (re)subscribing: wake every waiter whose job already ended, or whose job Redis lost."""
+        ids = list(self._futures)
+        if not ids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(self.keys.job(job_id), "status")
+        for job_id, status in zip(ids, await pipe.execute(), strict=True):
+            if status in (b"done", b"failed") or (status is None and job_id in self._queued):
                 self._wake(job_id)

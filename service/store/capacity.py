@@ -4,7 +4,8 @@ Work is counted in row-steps: one DiT row for one sampler step. A job costs one 
 Euler step plus one unconditional row on each step inside its CFG interval
 (`row_steps`). Every worker models how long one loop tick takes as a function of the
 rows in its forward, `seconds = a + b * rows` (`TickModel`: timed at start-up, scaled by
-live ticks), and publishes the line in its heartbeat. The API sums the fleet's full-batch throughput and asks whether the work
+what its live ticks took over the last seconds, at full width once it has run full batches),
+and publishes the line in its heartbeat. The API sums the fleet's full-batch throughput and asks whether the work
 ahead of a new job plus the job's own steps fit in its deadline (`admission_limits`);
 the check itself runs atomically in Redis (service/store/scripts.py).
 """
@@ -12,6 +13,7 @@ the check itself runs atomically in Redis (service/store/scripts.py).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,20 +30,51 @@ def row_steps(preset: SamplerPreset, upto: int | None = None) -> int:
     return sum(_rows_per_step(preset)[:upto])
 
 
+class Slowdown:
+    """Live seconds over bare-forward seconds of the ticks of about the last `window_s` seconds: two sums
+    that decay with the live time that passes, so their ratio is the throughput the machine really gave
+    over that while (one slow tick moves it by its share of the time, a slower minute all the way),
+    whether a tick takes 1 ms or 100 ms."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.live_s = 0.0
+        self.bare_s = 0.0
+        self.at = -math.inf  # time.monotonic() of the last observation
+
+    def add(self, live_s: float, bare_s: float) -> None:
+        keep = math.exp(-max(0.0, live_s) / self.window_s)
+        self.live_s = self.live_s * keep + live_s
+        self.bare_s = self.bare_s * keep + bare_s
+        self.at = time.monotonic()
+
+    @property
+    def value(self) -> float | None:
+        return self.live_s / self.bare_s if self.bare_s > 0 else None
+
+
 class TickModel:
-    """A worker's loop-tick time against rows per forward.
+    """A worker's loop-tick time against rows per forward: what the worker measured.
 
     Its shape comes from timing bare forwards of one row and of a full batch at start-up
     (`calibrate`): forward(rows) = a + b * rows. Live ticks, which add Redis round trips,
-    decoding and whatever else shares the machine, scale it: `scale` is the moving average
-    of a live tick's time over the bare forward of its width. Published: the scaled line.
+    decoding and whatever else shares the machine, scale it by the ratio of the live ticks'
+    time to the bare forwards of their widths over the last `window_s` seconds of busy
+    ticks (`Slowdown`): `scale` over every tick, `full_scale` over ticks at least
+    `FULL_SHARE` of `max_rows` wide only. The admission's rate is a full batches' rate, so
+    once full batches have been measured (within `FULL_FRESH_S`) their scale is published;
+    before, the line is scaled by what narrower ticks measured. Published: the scaled line.
     """
 
-    def __init__(self, max_rows: int, alpha: float = 0.1):
+    FULL_SHARE = 0.75
+    FULL_FRESH_S = 60.0
+
+    def __init__(self, max_rows: int, window_s: float = 2.0):
         self.max_rows = max_rows
-        self.alpha = alpha
         self.shape: tuple[float, float] | None = None
-        self.scale = 1.0
+        self.scale = Slowdown(window_s)
+        self.full_scale = Slowdown(window_s)
+        self.full_rows = max(1, math.ceil(self.FULL_SHARE * max_rows))
 
     def calibrate(self, seconds: dict[int, float]) -> None:
         """Bare forward seconds by rows (one or two widths)."""
@@ -57,14 +90,24 @@ class TickModel:
     def observe(self, rows: int, seconds: float) -> None:
         bare = self.forward_s(rows)
         if bare > 0:
-            self.scale += self.alpha * (seconds / bare - self.scale)
+            self.scale.add(seconds, bare)
+            if rows >= self.full_rows:
+                self.full_scale.add(seconds, bare)
+
+    def current_scale(self) -> float:
+        """Live over bare: at full width when it was measured lately, else over whatever ran (1.0: nothing yet)."""
+        full, any_width = self.full_scale.value, self.scale.value
+        if full is not None and time.monotonic() - self.full_scale.at < self.FULL_FRESH_S:
+            return full
+        return any_width if any_width is not None else 1.0
 
     def published(self) -> dict | None:
         """What the heartbeat carries: tick seconds = a + b * rows, and the widest forward."""
         if self.shape is None:
             return None
         a, b = self.shape
-        return {"a": a * self.scale, "b": b * self.scale, "max_rows": self.max_rows}
+        k = self.current_scale()
+        return {"a": a * k, "b": b * k, "max_rows": self.max_rows}
 
 
 @dataclass(frozen=True)

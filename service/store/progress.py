@@ -1,11 +1,11 @@
 """Live job progress for Server-Sent Events: one pub/sub subscription per API process.
 
 Workers publish on `<prefix>:events`: `{"progress": {job_id: [step, steps], ...}}` at most
-every 0.25 s, and `{"end": {job_id: "done"|"failed"}}` when a job ends. Every API replica
+every `PROGRESS_INTERVAL_S`, and `{"end": {job_id: "done"|"failed"}}` when a job ends. Every API replica
 receives them; the hub hands each to the SSE streams of this process that watch that job,
 so no client polls Redis. A stream reads the job's hash once when it starts, again when its
 job ends or the queue moves (to recompute its position, at most once a second), and after a
-reconnect (a message may have been lost while Redis was away).
+reconnect (a message may have been lost while Redis was away, or Redis came back without the job).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from service.store.pubsub import cancel, subscribe_forever
 
 log = logging.getLogger("ldit.api")
 
+PROGRESS_INTERVAL_S = 0.25  # a worker publishes progress at most this often; a stream relays it as often
+
 
 class Watch:
     """What one SSE stream has been told since it last looked."""
@@ -31,6 +33,7 @@ class Watch:
         self.progress: tuple[int, int] | None = None
         self.ended = False
         self.queue_moved = True  # compute the position once at the start
+        self.reread = False  # the subscription was (re)made: read the job again, whatever was missed
 
     def poke(self) -> None:
         self.changed.set()
@@ -86,7 +89,7 @@ class EventHub:
     def _poke_all(self) -> None:
         for watches in self._watches.values():
             for w in watches:
-                w.queue_moved = True
+                w.queue_moved = w.reread = True
                 w.poke()
 
     async def _listen(self) -> None:

@@ -146,9 +146,9 @@ class Intake:
         for pending in (self.waiting, self.waiting_batch):
             for job in [j for j in pending if j.expired(now)]:
                 pending.remove(job)
-                self.results.fail(job, "timeout", "the request's deadline passed before it could start")
+                self.results.fail(job, "timeout", timeout_message(job, "before it could start"))
         for sample in self.scheduler.drop(lambda s: s.job.expired(now)):
-            self.results.fail(sample.job, "timeout", "the request's deadline passed while it was being generated")
+            self.results.fail(sample.job, "timeout", timeout_message(sample.job, "while it was being generated"))
 
     def drop_stopped_sets(self) -> None:
         """Samples of a set deleted, expired or stopped by a disk error leave before the next plan."""
@@ -170,3 +170,9 @@ class Intake:
         """Recount the work in the queue from the stream (it drifts only when entries vanish unended)."""
         self._reconcile_script(keys=[self.keys.stream, self.keys.work], args=[RECONCILE_MAX_ENTRIES])
 
+
+def timeout_message(job: Job, when: str) -> str:
+    if job.batch:  # a sample set's images share its deadline
+        return (f"the sample set did not finish within its deadline (LDIT_BATCH_TTL_S after it was made): "
+                f"image {job.index} timed out {when}")
+    return f"the request's deadline passed {when}"

@@ -35,6 +35,7 @@ from service.model_watch import ModelWatcher
 from service.settings import Settings
 from service.store.capacity import TickModel
 from service.store.jobs import GROUP, Job, Keys
+from service.store.progress import PROGRESS_INTERVAL_S  # at most 4 progress messages a second per worker
 from service.worker.heartbeat import Heartbeat
 from service.worker.intake import Intake
 from service.worker.results import Results
@@ -42,7 +43,6 @@ from service.worker.scheduler import DecodeQueue, Sample, Scheduler
 
 log = logging.getLogger("ldit.worker")
 
-PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second per worker, whatever the step rate
 
 
 def default_worker_name() -> str:

@@ -134,7 +134,7 @@ class Results:
                     return self._stop_set(job, batch_disk.disk_error(err),
                                           f"writing image {job.index} failed: {err.strerror} (errno {err.errno}) "
                                           f"on {found[1]}")
-                self._record(job, "done")
+                self._record(job, "done", started=sample.admitted_at)
                 with self._lock:
                     self._images += 1
                 metrics.IMAGES.inc()
@@ -158,16 +158,19 @@ class Results:
     def _stop_set(self, job: Job, reason: str, message: str) -> None:
         """Fail the set of `job` with the reason; the image is counted failed, the set's other samples dropped."""
         batches.stop(self.r, self.keys, job.batch, reason, message)
-        self._record(job, "failed")
+        self._record(job, "failed", reason, message)
         metrics.BATCH_WRITE_ERRORS.labels(reason).inc()
         log.error("sample set stopped", extra={"batch": job.batch, "reason": reason, "detail": message})
 
-    def _record(self, job: Job, outcome: str) -> None:
-        """Count a sample-set job once (done or failed) and acknowledge it: one Lua call."""
+    def _record(self, job: Job, outcome: str, error: str = "", message: str = "", started: float | None = None) -> None:
+        """Count a sample-set job once (done or failed) and acknowledge it: one Lua call. A failure's
+        `error` and `message` become the set's if it has none yet; `started`: when a done image's sample
+        was admitted (the set's images/s counts from its earliest)."""
 
         def commands(pipe):
             self._record_batch(keys=[self.keys.batch(job.batch), self.keys.batch_done(job.batch), job.stream],
-                               args=[job.index, GROUP, job.stream_id, repr(time.time()), outcome], client=pipe)
+                               args=[job.index, GROUP, job.stream_id, repr(time.time()), outcome, error, message,
+                                     "" if started is None else repr(started)], client=pipe)
 
         self._transaction(commands)
 
@@ -200,7 +203,7 @@ class Results:
         """Record a job's end (and its followers'), store its `result` (key, PNG), acknowledge and delete
         its entry, release its work, wake its waiters with the result: one script call."""
         if job.batch:
-            return self._record(job, status["status"])
+            return self._record(job, status["status"], status.get("error", ""), status.get("message", ""))
         result_key_, png = result or ("", b"")
 
         # One script is atomic by itself: no MULTI/EXEC around it (nor the SCRIPT EXISTS a pipeline adds).

@@ -124,7 +124,7 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
 
     async def check_volume(r: aioredis.Redis, b: batches.BatchSpec) -> None:
         """NoRoom if the set's volume lacks the room for it (its free space less what running sets will write)."""
-        held = {i: n for i, (n, v) in (await batches.held(r, keys)).items() if v == b.volume}
+        held = {i: n for i, (n, v) in (await batches.running(r, keys)).items() if v == b.volume}
         try:
             room = await asyncio.to_thread(batch_disk.room, volumes[b.volume], held)
         except OSError as err:  # not mounted, not writable: no room either
