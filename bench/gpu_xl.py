@@ -174,7 +174,7 @@ class XlRun:
                               torch.randint(0, self.bundle.spec.num_classes, (rows,), generator=g).to(self.dev))
                        for rows in self.sizes}
         self.ref: dict[int, torch.Tensor] | None = None
-        self.profiled = False
+        self.profiled = self.swept = False
         out.update(model=self.bundle.spec.name, params=sum(p.numel() for p in self.bundle.dit.parameters()),
                    gflop_per_row=round(self.flops_row / 1e9, 2),
                    gflop_per_row_analytic=round(analytic_flops(cfg)["total"] / 1e9, 2),
@@ -184,23 +184,24 @@ class XlRun:
 
     def run(self, configs: list[Config]) -> None:
         for c in configs:
+            res: dict = {"config": c.label}
+            self.out["configs"].append(res)  # filled and saved phase by phase: a cap keeps what was measured
             if c.graphs and self.dev.type != "cuda":
-                res = {"config": c.label, "skipped": "CUDA graphs need a GPU (dry run)"}
+                res["skipped"] = "CUDA graphs need a GPU (dry run)"
             else:
                 try:
-                    res = self.config(c)
+                    self.config(c, res)
                 except Exception as err:  # noqa: BLE001 - one failing configuration must not hide the others
                     traceback.print_exc()
-                    res = {"config": c.label, "error": f"{type(err).__name__}: {err}"}
-            self.out["configs"].append(res)
-            self.saver.save(self.out)  # each configuration's numbers survive a later cap
+                    res["error"] = f"{type(err).__name__}: {err}"
+            self.saver.save(self.out)
 
-    def config(self, c: Config) -> dict:
+    def config(self, c: Config, res: dict) -> None:
+        """Most decisive first: ms, MFU and error; the 800ep recipe; the kernel profile; every bucket's cost."""
         dev, a = self.dev, self.a
         t_load = time.perf_counter()
         engine = TorchEngine(self.bundle, str(dev), c.precision, self.max_rows, compile=c.compiled,
                              cuda_graphs=c.graphs)
-        res: dict = {"config": c.label}
         try:
             if c.compiled:
                 # The first call compiles the block graph (inductor: Triton on CUDA, C++ on the CPU), at the
@@ -212,27 +213,31 @@ class XlRun:
                 sync(dev)
                 res["compile_s"] = round(time.perf_counter() - t_first, 1)
                 log(f"xl {c.label}: compiled in {res['compile_s']} s (first call, {self.max_rows} rows)")
+                self.saver.save(self.out)
             engine.warmup()
             sync(dev)
             res["setup_s"] = round(time.perf_counter() - t_load, 1)
             if dev.type == "cuda":
                 res["gpu_mem_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 2)
             self.forwards(engine, c, res)
+            self.saver.save(self.out)
             if c.ref_only:
-                return res
-            if c.graphs:
-                res["sweep_ms"] = self.sweep(engine)
-            if dev.type == "cuda" and c.precision != "fp32" and not self.profiled:
-                res["top_kernels"], res["kernel_shares"] = top_kernels(engine, self.inputs[self.sizes[0]])
-                self.profiled = True
+                return
             if c.recipe:
                 preset = "800ep"
                 if a.dry_run:
                     self.bundle.spec.presets["800ep-dry"] = PRESETS["800ep"].replace(num_steps=6)
                     preset = "800ep-dry"
                 res["recipe"] = recipe_images_per_s(engine, self.bundle, 4 if a.dry_run else 32, self.max_rows, preset)
+                self.saver.save(self.out)
+            if dev.type == "cuda" and c.precision != "fp32" and not self.profiled:
+                res["top_kernels"], res["kernel_shares"] = top_kernels(engine, self.inputs[self.sizes[0]])
+                self.profiled = True
+                self.saver.save(self.out)
+            if c.graphs and not self.swept:  # one cost curve per step is enough (fp16 and bf16 run alike)
+                res["sweep_ms"] = self.sweep(engine)
+                self.swept = True
             log(f"xl {c.label}: {res}")
-            return res
         finally:
             if c.precision == "fp32":
                 engine.dit.to("cpu")  # the fp32 engine moved the bundle's own module; later configs convert on the host
@@ -273,26 +278,31 @@ class XlRun:
         return out
 
     def recipes(self) -> None:
-        """Error against fp32 of each low-precision recipe (eager, largest size): the residual stream in float32
-        (the default) or in the low precision (the old recipe). Decides the default precision (issue 24)."""
+        """Error against fp32 of each low-precision recipe at the largest size: the residual stream in float32
+        (the engines' recipe: the eager configurations' own errors) and in the low precision (the old recipe,
+        measured here on an eager copy). Decides the default precision (issue 24)."""
         if self.ref is None:
             return
         rows = self.sizes[-1]
         x, t, y = self.inputs[rows]
-        errors = {}
-        for precision in ("bf16", "fp16") if self.dev.type == "cuda" else ("bf16",):
-            for residual in ("fp32", "low"):
-                model = lowp_dit(self.bundle.dit, DTYPES[precision], residual=residual).to(self.dev)
-                with torch.inference_mode():
-                    out = model(x, t, y).float()
-                errors[f"{precision} {residual} residual"] = {"rel_err_vs_fp32": rel_err(out, self.ref[rows]),
-                                                              "finite": bool(torch.isfinite(out).all())}
-                del model
-                if self.dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                self.out["recipes"] = dict(errors, rows=rows)
-                self.saver.save(self.out)
-        log(f"xl recipes: {self.out['recipes']}")
+        errors: dict = {"rows": rows}
+        for res in self.out["configs"]:
+            precision = res["config"].split()[0]
+            if precision != "fp32" and "compiled" not in res["config"] and f"rows{rows}" in res:
+                errors.setdefault(f"{precision} fp32 residual", {"rel_err_vs_fp32": res[f"rows{rows}"].get(
+                    "rel_err_vs_fp32"), "from": res["config"]})
+        for precision in ("fp16", "bf16") if self.dev.type == "cuda" else ("bf16",):
+            model = lowp_dit(self.bundle.dit, DTYPES[precision], residual="low").to(self.dev)
+            with torch.inference_mode():
+                out = model(x, t, y).float()
+            errors[f"{precision} low residual"] = {"rel_err_vs_fp32": rel_err(out, self.ref[rows]),
+                                                   "finite": bool(torch.isfinite(out).all())}
+            del model
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+            self.out["recipes"] = errors
+            self.saver.save(self.out)
+        log(f"xl recipes: {errors}")
 
 
 def step_xl(a, saver) -> dict:
@@ -302,8 +312,9 @@ def step_xl(a, saver) -> dict:
     elif a.dry_run:
         configs = parse_configs("fp32,bf16+recipe,bf16+graphs")
     else:
-        # The default candidate (fp16 + graphs) first, with the recipe and the kernel profile; then bf16.
-        configs = parse_configs("fp32,fp16+graphs+recipe,bf16+graphs,bf16")
+        # fp16 + graphs first (the candidate default: recipe, kernel profile, every bucket's cost), then bf16.
+        # Eager without graphs is left out: graphs changed XL/1 by 3% on the H200 (docs/benchmarks.md).
+        configs = parse_configs("fp32,fp16+graphs+recipe,bf16+graphs")
     run = XlRun(a, saver, out)
     run.run(configs)
     run.recipes()

@@ -103,3 +103,45 @@ def decode_precision(requested: str | None, device_type: str) -> str:
     if precision == "fp16" and device_type == "cpu":
         raise EngineError("fp16 decode is not usable on CPU; use fp32 or bf16")
     return precision
+
+
+# Errors after which a CUDA context is unusable: every later call in the process fails the same way
+# (CUDA runtime error strings, as torch reports them in "CUDA error: ..."). Out of memory is not one.
+STICKY_CUDA_ERRORS = (
+    "an illegal memory access was encountered",  # cudaErrorIllegalAddress
+    "an illegal instruction was encountered",  # cudaErrorIllegalInstruction
+    "misaligned address",  # cudaErrorMisalignedAddress
+    "operation not supported on global/shared address space",  # cudaErrorInvalidAddressSpace
+    "invalid program counter",  # cudaErrorInvalidPc
+    "unspecified launch failure",  # cudaErrorLaunchFailure
+    "the launch timed out and was terminated",  # cudaErrorLaunchTimeout
+    "hardware stack error",  # cudaErrorHardwareStackError
+    "device-side assert triggered",  # cudaErrorAssert
+    "uncorrectable ecc error encountered",  # cudaErrorECCUncorrectable
+    "uncorrectable nvlink error",  # cudaErrorNvlinkUncorrectable
+    "cudaerrorillegaladdress", "cudaerrorlaunchfailure", "cudaerrorecc",
+)
+
+
+def is_sticky_device_error(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) says the CUDA context is lost for good: the process
+    must exit and be restarted, since retrying a forward, or the next job, fails again."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err).lower()
+        if any(s in text for s in STICKY_CUDA_ERRORS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def use_device_in_this_thread(device) -> None:
+    """Make `device` the current CUDA device of the calling thread (a no-op elsewhere). A new thread's
+    current device is 0: its first CUDA call (an event wait, a copy) would create a context on GPU 0,
+    hundreds of MiB, even when the engine runs on cuda:N."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)

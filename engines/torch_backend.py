@@ -274,6 +274,8 @@ class TorchEngine(Engine):
 
     def close(self) -> None:
         """Release the graphs, their pool and the modules now (a hot swap calls it on the old engine)."""
+        if self.dev.type == "cuda" and self._forward is not None:
+            torch.cuda.synchronize(self.dev)  # no replay or decode of this engine may still be running
         if self.graphs is not None:
             self.graphs.close()
         self.graphs = self._forward = self._dit_forward = None

@@ -43,7 +43,7 @@ done
 
 KILL_AFTER=4  # seconds between a cap's TERM and the KILL of whatever still runs
 # name:cap (seconds on the device). Sum of caps + KILL_AFTER each must stay <= 520 (tests/test_gpu_kit.py).
-PLAN_STEPS="preflight:20 env:15 pytest_gpu:70 xl:100 vae:20 service:60 batching:45 tensorrt:10 xl_compiled:130 summary:5"
+PLAN_STEPS="preflight:20 env:12 pytest_gpu:78 xl:100 vae:15 service:60 batching:45 tensorrt:10 xl_compiled:130 summary:5"
 if [ "$PLAN" = 1 ]; then
   total=0
   for entry in $PLAN_STEPS; do
@@ -132,9 +132,9 @@ if [ "$DRY" = 1 ]; then
     --cap-requests 8 --loads 0.7 --max-rows 8 --time-limit 20 --out "$WORK/batching"
 else
   # B/1 for real on the GPU, 250-step 800ep recipe: saturated and 70% load, step vs request batching.
-  # At most 4 timed runs of 6 s each plus the setup: well inside the cap; the JSON grows run by run.
+  # At most 4 timed runs of 5 s each plus the setup: well inside the cap; the JSON grows run by run.
   step batching "$WORK/batching/batching.json" "$PY" bench/batching.py --models b1 --b1-steps 250 --requests 64 \
-    --cap-requests 48 --loads 0.7 --max-rows 32 --device cuda --precision fp16 --cuda-graphs --time-limit 6 \
+    --cap-requests 48 --loads 0.7 --max-rows 32 --device cuda --precision fp16 --cuda-graphs --time-limit 5 \
     --out "$WORK/batching"
 fi
 [ -f "$WORK/batching/batching.png" ] && cp "$WORK/batching/batching.png" "$DEST/batching.png"

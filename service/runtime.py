@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -128,12 +129,24 @@ def run_all(settings: Settings) -> None:
         while not worker.ready.wait(0.1):
             if not thread.is_alive():
                 raise SystemExit("the worker stopped before it was ready")
+        threading.Thread(target=_stop_when_the_device_fails, args=(worker, thread), name="device-watch",
+                         daemon=True).start()
         serve_api(settings, url, threading.Event(), "the API and one worker")  # uvicorn handles SIGINT/SIGTERM
+        if worker.fatal is not None:  # the process must exit non-zero, so that it is restarted
+            raise SystemExit(f"the worker stopped on a device failure: {worker.fatal}")
     finally:
         worker.stop()
         thread.join(timeout=60)
         if embedded:
             embedded.close()
+
+
+def _stop_when_the_device_fails(worker, thread: threading.Thread) -> None:
+    """All-in-one: a worker stopped by a sticky device error stops the API too (SIGTERM: uvicorn's own
+    graceful shutdown), so the whole process exits non-zero instead of serving 503s with a dead GPU."""
+    thread.join()
+    if worker.fatal is not None:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_api(settings: Settings) -> None:

@@ -46,6 +46,12 @@ class Heartbeat:
         w = self.w
         last, stalled = time.monotonic(), False
         while True:
+            if w.fatal is not None:  # the device is lost: this worker must look dead at once
+                try:
+                    self.r.hdel(self.keys.workers, w.name)
+                except Exception:  # noqa: BLE001 - the loop removes it again on its way out
+                    pass
+                return
             try:
                 quiet_s = time.monotonic() - w.last_tick
                 if quiet_s > self.s.heartbeat_ttl_s:

@@ -16,6 +16,12 @@ another worker's XAUTOCLAIM. The heartbeat (service/worker/heartbeat.py) beats o
 ticks, and carries the measured tick time against rows per forward (service/store/capacity.py), from
 which the API's admission estimates how long the work ahead will take. The loop survives a Redis
 restart and a deleted stream or consumer group (it creates them again).
+
+A sticky device error (an illegal memory access, an uncorrectable ECC error...: the CUDA context is
+lost, and every later call fails the same way) ends the worker instead: the heartbeat is withdrawn at
+once, nothing more runs on the device, jobs not yet started go back to the queue and the ones in
+flight stay pending for another worker's reclaim, and `run()` raises `DeviceFailed` (a SystemExit:
+the process exits non-zero and its orchestrator restarts it on a fresh context).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 
 import redis
 
+from engines.device import is_sticky_device_error, use_device_in_this_thread
 from model.sampling import SamplerPreset
 from service import metrics
 from service.model_watch import ModelWatcher
@@ -43,6 +50,10 @@ from service.worker.scheduler import DecodeQueue, Sample, Scheduler
 
 log = logging.getLogger("ldit.worker")
 
+
+
+class DeviceFailed(SystemExit):
+    """The worker stopped on a sticky device error; raised by `Worker.run()`, so the process exits non-zero."""
 
 
 def default_worker_name() -> str:
@@ -75,7 +86,9 @@ class Worker:
         self.watcher = ModelWatcher(settings.model_dir, settings.model_watch_interval_s)
         self._swap: tuple | None = None  # a newly loaded model waiting for the active samples to finish
         self._loading: threading.Thread | None = None
-        self.results = Results(settings, r, self.keys, self.name)
+        self.fatal: BaseException | None = None  # the sticky device error that stopped this worker
+        self.results = Results(settings, r, self.keys, self.name, device=self.runner.engine.device,
+                               on_device_error=self.device_failed)
         self.intake = Intake(settings, r, self.keys, self.name, self.scheduler, self.decodes, self.results)
         self.beats = Heartbeat(self)
         self.stop_event = threading.Event()
@@ -97,6 +110,7 @@ class Worker:
             return False
 
     def run(self) -> None:
+        use_device_in_this_thread(self.runner.engine.device)
         backoff = 0.1
         while not self._ensure_group() and not self.stop_event.wait(backoff):  # Redis may still be starting
             backoff = min(2 * backoff, 2.0)
@@ -124,19 +138,47 @@ class Worker:
                     else:  # someone deleted the stream or the group: make them again, go on
                         log.warning("job stream or consumer group lost (%s); recreating it", err)
                         self.intake.forget_cursors()
-                except Exception:  # noqa: BLE001 - the loop must outlive any one tick
+                except Exception as err:  # noqa: BLE001 - the loop must outlive any one tick, not a lost device
+                    if is_sticky_device_error(err):
+                        self.device_failed(err)
+                        break
                     log.exception("worker tick failed")
                 self.stop_event.wait(backoff)
                 backoff = min(2 * backoff, 2.0)
                 self._ensure_group()
-            self._drain()
+            if self.fatal is None:
+                self._drain()
+            else:
+                beat.join(self.s.heartbeat_interval_s + 5)  # it sees `fatal` and withdraws: no beat after the hdel below
+                self._abandon()
         finally:
-            self.results.shutdown()
+            self.results.shutdown(wait=self.fatal is None)
             try:
                 self.r.hdel(self.keys.workers, self.name)
             except redis.RedisError:  # readers prune it once stale
                 pass
             log.info("worker stopped", extra={"worker": self.name})
+        if self.fatal is not None:
+            raise DeviceFailed(f"worker {self.name}: the device failed ({self.fatal}); exiting so that it is restarted "
+                               f"on a fresh CUDA context, its jobs left for another worker")
+
+    def device_failed(self, err: BaseException) -> None:
+        """A sticky device error (any thread): stop at once, without draining on the lost device."""
+        if self.fatal is None:
+            self.fatal = err
+            log.critical("the device failed with a sticky error; stopping this worker: %s", err,
+                         extra={"worker": self.name})
+        self.stop_event.set()
+
+    def _abandon(self) -> None:
+        """After a device failure: jobs not yet started go back to the queue; active and decoding ones stay
+        pending, unacknowledged, for another worker's reclaim (they are never failed: the job is fine)."""
+        try:
+            self.intake.release_all()
+        except Exception:  # noqa: BLE001 - they are reclaimed after the visibility timeout anyway
+            log.warning("releasing the waiting jobs failed; they will be reclaimed", exc_info=True)
+        self.scheduler.active.clear()
+        self.decodes.waiting.clear()
 
     def stop(self) -> None:
         """Stop taking jobs; the loop finishes the active samples and releases the rest."""
@@ -209,7 +251,10 @@ class Worker:
     def _hot_swap(self) -> None:
         """Load a newly published checkpoint in the background; switch between batches."""
         if self._loading is None and self._swap is None and self.watcher.poll() is not None:
+            device = self.runner.engine.device
+
             def load():
+                use_device_in_this_thread(device)  # the new engine's first CUDA calls happen in this thread
                 try:
                     self._swap = self.load_model()
                 except Exception:  # noqa: BLE001 - keep serving the old model
@@ -222,7 +267,7 @@ class Worker:
             self._loading.start()
         if self._swap is not None and not self.scheduler.active and not self.decodes:
             runner, spec, version, info = self._swap
-            old, self._swap = self.version, None
+            old, old_runner, self._swap = self.version, self.runner, None
             self.runner, self.version, self.engine_info = runner, version, info
             self._computed_rows = runner.engine.computed_rows
             self.scheduler.latent_shape = spec.latent_shape
@@ -230,6 +275,13 @@ class Worker:
             log.warning("switched model", extra={"from": old, "to": version})
             metrics.MODEL_SWAPS.labels("switched").inc()
             self.heartbeat()
+            try:  # free the old model's device memory now, not when the garbage collector gets to it
+                old_runner.engine.close()
+            except Exception as err:  # noqa: BLE001 - the new model serves either way
+                if is_sticky_device_error(err):
+                    self.device_failed(err)
+                else:
+                    log.warning("closing the old engine failed", exc_info=True)
 
     def _drain(self) -> None:
         """On stop: release jobs not yet started, finish the ones in flight."""
@@ -266,7 +318,10 @@ class Worker:
             return 0
         try:
             x_next, seconds = self.runner.step(plan)
-        except Exception:  # noqa: BLE001 - leave the jobs pending; XAUTOCLAIM retries them
+        except Exception as err:  # noqa: BLE001 - leave the jobs pending; XAUTOCLAIM retries them
+            if is_sticky_device_error(err):
+                self.device_failed(err)
+                return 0
             log.exception("forward failed; %d jobs left for redelivery", len(plan.samples))
             ids = {id(s) for s in plan.samples}
             self.scheduler.drop(lambda s: id(s) in ids)
@@ -291,7 +346,10 @@ class Worker:
         for the images to reach the host, nor for encoding or Redis."""
         try:
             decoded = self.runner.decode_async([s.x for s in samples])
-        except Exception:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001
+            if is_sticky_device_error(err):
+                self.device_failed(err)
+                return
             log.exception("decode failed; %d jobs left for redelivery", len(samples))
             return
         with self._lock:

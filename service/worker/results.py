@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import redis
 
+from engines.device import is_sticky_device_error, use_device_in_this_thread
 from service import metrics
 from service.batches import disk as batch_disk
 from service.batches import sets as batches
@@ -31,10 +33,15 @@ log = logging.getLogger("ldit.worker")
 
 
 class Results:
-    def __init__(self, settings: Settings, r: redis.Redis, keys: Keys, name: str):
+    def __init__(self, settings: Settings, r: redis.Redis, keys: Keys, name: str, device=None,
+                 on_device_error: Callable[[BaseException], None] | None = None):
+        """`device`: the engine's; each store thread makes it current before its first CUDA call (an event
+        wait). `on_device_error`: called with an error that left the CUDA context unusable."""
         self.s, self.r, self.keys, self.name = settings, r, keys, name
+        self.on_device_error = on_device_error
         self.finishing: dict[str, Job] = {}  # handed to the store pool, not yet acknowledged
-        self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
+        self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png",
+                                       initializer=use_device_in_this_thread, initargs=(device or "cpu",))
         self._lock = threading.Lock()
         self._images = 0  # stored since the last take_images()
         self._batch_shapes: dict[str, tuple] = {}
@@ -58,8 +65,9 @@ class Results:
             count, self._images = self._images, 0
         return count
 
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True)
+    def shutdown(self, wait: bool = True) -> None:
+        """wait=False: drop the stores not yet started (their jobs stay pending, for another worker)."""
+        self.pool.shutdown(wait=wait, cancel_futures=not wait)
 
     def _store_decoded(self, samples: list[Sample], decoded: Decoded, version: str) -> None:
         """In a pool thread: wait until the decode reached the host, then file each image or its failure."""
@@ -67,11 +75,13 @@ class Results:
         try:
             decoded.wait()
             images, finite = decoded.images.numpy(), decoded.finite.tolist()
-        except Exception:  # noqa: BLE001 - unacknowledged: another delivery will redo them
+        except Exception as err:  # noqa: BLE001 - unacknowledged: another delivery will redo them
             log.exception("decode failed; %d jobs left for redelivery", len(samples))
             with self._lock:
                 for s in samples:
                     self.finishing.pop(s.job.id, None)
+            if self.on_device_error is not None and is_sticky_device_error(err):
+                self.on_device_error(err)
             return
         decode_s = decoded.enqueue_s + time.perf_counter() - start
         for sample, image, ok in zip(samples, images, finite, strict=True):
