@@ -180,7 +180,7 @@ def room_violations(root: Path) -> list[str]:
 
 
 # Tests that build a worker in-process the way `python -m service worker` does.
-RUNTIME_USERS = {"tests/test_workers.py"}
+RUNTIME_USERS = {"tests/test_workers.py", "tests/test_device_failure.py"}
 
 
 def test_service_rooms_keep_their_rules() -> None:

@@ -26,22 +26,17 @@ fails with ENOSPC or EIO stops the set with that reason; other sets are not touc
 from __future__ import annotations
 
 import asyncio
-import errno
-import io
 import json
 import logging
-import os
-import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis.asyncio as aioredis
 
-from model.sample_sets import ChunkSink, npz_chunks, raw_chunks, sample_index
+from model.sample_sets import sample_index
 from model.sampling import SamplerPreset
 from service.batches import disk as batch_disk
 from service.batches.scripts import APPEND_LUA, CREATE_LUA, DELETE_LUA, STOP_LUA
@@ -285,36 +280,7 @@ def progress(spec: BatchSpec, f: dict[str, str], now: float) -> dict:
             "eta_s": 0.0 if finished else (round(left / rate, 1) if rate else None)}
 
 
-def tar_chunks(spec: BatchSpec, path: Path, encode: Callable[[np.ndarray], bytes]) -> Iterator[bytes]:
-    """A tar of class{K}_seed{S}.png, each PNG encoded (`encode`) from the raw file as the stream goes."""
-    labels, seeds = spec.labels_seeds()
-    sink = ChunkSink()
-    nbytes = int(np.prod(spec.shape))
-    with open(path, "rb") as f, tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for i in range(spec.total):
-            blob = encode(np.frombuffer(f.read(nbytes), dtype=np.uint8).reshape(spec.shape))
-            info = tarfile.TarInfo(f"class{labels[i]}_seed{seeds[i]}.png")
-            info.size, info.mtime, info.mode = len(blob), int(spec.created_at), 0o644
-            tar.addfile(info, io.BytesIO(blob))
-            yield sink.take()
-    yield sink.take()
-
-
-def npz_stream(spec: BatchSpec, path: Path) -> Iterator[bytes]:
-    labels, _ = spec.labels_seeds()
-    nbytes = spec.total * int(np.prod(spec.shape))
-    return npz_chunks(raw_chunks(path, nbytes), (spec.total, *spec.shape), labels)
-
-
 # -- worker side ---------------------------------------------------------------------------
-def set_file(r, keys: Keys, batch_id: str, volumes: dict[str, Path]) -> tuple[tuple, Path | None] | None:
-    """(image shape, volume dir or None when this process lacks the set's volume), or None: no such set."""
-    shape, volume = r.hmget(keys.batch(batch_id), ["shape", "volume"])
-    if shape is None:
-        return None
-    return tuple(json.loads(shape)), volumes.get((volume or b"default").decode())
-
-
 def stopped(r, keys: Keys, batch_ids: set[str]) -> set[str]:
     """The sets among `batch_ids` that are gone (deleted, expired) or stopped (failed): one round trip."""
     ids = sorted(batch_ids)
@@ -328,25 +294,6 @@ def stop(r, keys: Keys, batch_id: str, error: str, message: str) -> bool:
     """Fail a running set with a reason (a disk error): its other samples are dropped, not retried."""
     return bool(r.register_script(STOP_LUA)(keys=[keys.batch(batch_id), keys.batch_done(batch_id)],
                                             args=[error, message, repr(time.time())]))
-
-
-def write_image(batch_dir: Path, job: Job, image: np.ndarray) -> None:
-    """Write one finished image at its offset (batch_dir: its set's volume), on disk before Redis counts it."""
-    path = images_file(batch_dir, job.batch)
-    data = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
-    fd = os.open(path, os.O_WRONLY)  # FileNotFoundError: batch_dir is not shared with the API
-    try:
-        if os.fstat(fd).st_size < (job.index + 1) * len(data):
-            raise ValueError(f"{path} is too small for image {job.index} of {image.shape}")
-        view, offset = memoryview(data), job.index * len(data)
-        while view:  # a filling disk may take part of a write: the rest then fails with ENOSPC
-            n = os.pwrite(fd, view, offset)
-            if n <= 0:
-                raise OSError(errno.EIO, f"pwrite wrote nothing at {offset} of {path}")
-            view, offset = view[n:], offset + n
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def acknowledge(r, jobs: list[Job]) -> None:

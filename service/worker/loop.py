@@ -36,15 +36,15 @@ import time
 import redis
 
 from engines.device import is_sticky_device_error, use_device_in_this_thread
-from model.sampling import SamplerPreset
 from service import metrics
 from service.model_watch import ModelWatcher
 from service.settings import Settings
 from service.store.capacity import TickModel
-from service.store.jobs import GROUP, Job, Keys
+from service.store.jobs import GROUP, Keys
 from service.store.progress import PROGRESS_INTERVAL_S  # at most 4 progress messages a second per worker
 from service.worker.heartbeat import Heartbeat
 from service.worker.intake import Intake
+from service.worker.model_load import calibrate, load_in_background
 from service.worker.results import Results
 from service.worker.scheduler import DecodeQueue, Sample, Scheduler
 
@@ -231,40 +231,13 @@ class Worker:
 
     def _calibrate(self) -> None:
         """Time a forward of one row and of a full batch, so the first heartbeat already carries a rate."""
-        one_step = SamplerPreset(num_steps=2)
-        seconds = {}
-        for rows in sorted({1, self.s.max_batch_size}):
-            times = []
-            for _ in range(4):  # the first run pays lazy initialisation; the median of the others counts
-                for i in range(rows):
-                    self.scheduler.admit(Job(class_id=0, seed=i, preset=one_step, key="calibration",
-                                             deadline=float("inf")))
-                plan = self.scheduler.schedule()
-                start = time.perf_counter()
-                self.runner.step(plan)
-                self.runner.drain()  # the runner runs ahead of the device: time the step to its end
-                times.append(time.perf_counter() - start)
-                self.scheduler.drop(lambda s: s.job.key == "calibration")
-            seconds[rows] = sorted(times[1:])[1]
-        self.ticks.calibrate(seconds)
+        self.ticks.calibrate(calibrate(self.scheduler, self.runner, self.s.max_batch_size))
 
     def _hot_swap(self) -> None:
         """Load a newly published checkpoint in the background; switch between batches."""
-        if self._loading is None and self._swap is None and self.watcher.poll() is not None:
-            device = self.runner.engine.device
-
-            def load():
-                use_device_in_this_thread(device)  # the new engine's first CUDA calls happen in this thread
-                try:
-                    self._swap = self.load_model()
-                except Exception:  # noqa: BLE001 - keep serving the old model
-                    log.exception("loading the new checkpoint failed; keeping version %s", self.version)
-                    metrics.MODEL_SWAPS.labels("failed").inc()
-                finally:
-                    self._loading = None
-
-            self._loading = threading.Thread(target=load, name="model-loader", daemon=True)
-            self._loading.start()
+        loading = self._loading is not None and self._loading.is_alive()
+        if not loading and self._swap is None and self.watcher.poll() is not None:
+            self._loading = load_in_background(self.load_model, self.runner.engine.device, self._loaded, self.version)
         if self._swap is not None and not self.scheduler.active and not self.decodes:
             runner, spec, version, info = self._swap
             old, old_runner, self._swap = self.version, self.runner, None
@@ -282,6 +255,11 @@ class Worker:
                     self.device_failed(err)
                 else:
                     log.warning("closing the old engine failed", exc_info=True)
+
+    def _loaded(self, model: tuple | None) -> None:
+        """From the loader thread: the new model (switched to between batches), or None when loading failed."""
+        self._swap = model
+        self._loading = None
 
     def _drain(self) -> None:
         """On stop: release jobs not yet started, finish the ones in flight."""

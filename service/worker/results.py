@@ -21,6 +21,7 @@ import redis
 from engines.device import is_sticky_device_error, use_device_in_this_thread
 from service import metrics
 from service.batches import disk as batch_disk
+from service.batches import files as set_files
 from service.batches import sets as batches
 from service.batches.scripts import RECORD_LUA
 from service.settings import Settings
@@ -137,7 +138,7 @@ class Results:
                 self._stop_set(job, "no_volume", f"worker {self.name} has no volume for this set (LDIT_BATCH_VOLUMES)")
             else:
                 try:
-                    batches.write_image(found[1], job, image)
+                    set_files.write_image(found[1], job, image)
                 except OSError as err:  # a full or failing disk fails again on redelivery: stop the set
                     if not batch_disk.disk_error(err):
                         raise
@@ -159,7 +160,7 @@ class Results:
     def _batch_file(self, batch_id: str) -> tuple | None:
         """(image shape, the volume dir of its file or None), or None for a set that is gone."""
         if batch_id not in self._batch_shapes:
-            found = batches.set_file(self.r, self.keys, batch_id, self.s.batch_volume_dirs())
+            found = set_files.set_file(self.r, self.keys, batch_id, self.s.batch_volume_dirs())
             if found is None:
                 return None
             self._batch_shapes[batch_id] = found

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from service.batches import disk as batch_disk
+from service.batches import files as set_files
 from service.batches import sets as batches
 from service.http.errors import ERRORS, error
 from service.http.schemas import (
@@ -103,7 +104,7 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
         if isinstance(found, Response):
             return found
         b, path = found
-        return StreamingResponse(batches.npz_stream(b, path), media_type="application/octet-stream",
+        return StreamingResponse(set_files.npz_stream(b, path), media_type="application/octet-stream",
                                  headers={"Content-Disposition": f'attachment; filename="{b.id}.npz"'})
 
     @app.get("/batches/{batch_id}/images.tar", response_class=StreamingResponse, responses={
@@ -114,7 +115,7 @@ def add_batch_routes(app: FastAPI, settings: Settings, keys: Keys, model: ModelW
         if isinstance(found, Response):
             return found
         b, path = found
-        return StreamingResponse(batches.tar_chunks(b, path, settings.encode_png),
+        return StreamingResponse(set_files.tar_chunks(b, path, settings.encode_png),
                                  media_type="application/x-tar",
                                  headers={"Content-Disposition": f'attachment; filename="{b.id}.tar"'})
 
