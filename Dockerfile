@@ -77,7 +77,8 @@ CMD ["python", "-m", "service"]
 # pin the torch and tensorrt it ships so that installing the project never replaces them.
 # 25.01 ships CUDA 12.8 and TensorRT 10.8: the gpu extra pins onnxruntime-gpu 1.21, the
 # release built against TensorRT 10.8 and CUDA 12.x. The default backend is the GPU path that
-# scripts/gpu_check.sh has verified (torch, bf16, CUDA graphs; docs/benchmarks.md); TensorRT
+# scripts/gpu_check.sh has verified (torch, fp16 with a float32 residual stream, CUDA graphs,
+# compiled blocks; docs/benchmarks.md); TensorRT
 # is LDIT_BACKEND=tensorrt LDIT_PRECISION=fp16.
 FROM nvcr.io/nvidia/pytorch:25.01-py3 AS gpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -89,8 +90,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LDIT_MODEL_DIR=/app/checkpoints/demo \
     LDIT_ENGINE_DIR=/engines \
     LDIT_BACKEND=torch \
-    LDIT_PRECISION=bf16 \
+    LDIT_PRECISION=fp16 \
     LDIT_CUDA_GRAPHS=true \
+    LDIT_COMPILE=true \
     LDIT_DEVICE=cuda
 COPY --from=wheel /wheels /wheels
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]

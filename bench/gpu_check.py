@@ -166,15 +166,18 @@ def step_service(a, saver) -> dict:
     preset = load_bundle(bundle_dir).spec.default_preset
     n = 8 if a.dry_run else 32
     requests = [{"class_label": i % 10, "seed": 1000 + i} for i in range(n)]
-    # fp32, and the GPU default: fp16 (closest low precision, engines/lowp_dit.py) with CUDA graphs
-    configs = [("fp32", False)] if a.dry_run else [("fp32", False), ("fp16", True)]
+    # fp32, and the GPU default: fp16 (closest low precision, engines/lowp_dit.py) with CUDA graphs and
+    # compiled blocks. --configs: e.g. "fp32,fp16+graphs,fp16+graphs+compiled".
+    configs = [("fp32", False, False)] if a.dry_run else [("fp32", False, False), ("fp16", True, True)]
     if a.configs:
-        configs = [(item.split("+")[0], "graphs" in item.split("+")[1:]) for item in a.configs.split(",")]
+        configs = [(item.split("+")[0], "graphs" in item.split("+")[1:], "compiled" in item.split("+")[1:])
+                   for item in a.configs.split(",")]
     out = {"device": str(dev), "requests": n, "preset": preset, "configs": []}
-    for precision, graphs in configs:
-        label = f"{precision}{' graphs' if graphs else ''}"
+    for precision, graphs, compiled in configs:
+        label = f"{precision}{' graphs' if graphs else ''}{' compiled' if compiled else ''}"
         env = {"LDIT_DEVICE": dev.type if dev.index is None else f"cuda:{dev.index}", "LDIT_PRECISION": precision,
-               "LDIT_CUDA_GRAPHS": "true" if graphs else "false", "LDIT_MODEL_DIR": str(bundle_dir),
+               "LDIT_CUDA_GRAPHS": "true" if graphs else "false", "LDIT_COMPILE": "true" if compiled else "false",
+               "LDIT_MODEL_DIR": str(bundle_dir),
                "LDIT_MAX_BATCH_SIZE": "16", "LDIT_REQUEST_TIMEOUT_S": "240", "LDIT_REDIS_URL": ""}
         res: dict = {"config": label}
         t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def test_compose_environment_values_are_valid_settings(service: str, monkeypatch
     else:
         assert s.redis_url == "redis://redis:6379/0"
         # the GPU path scripts/gpu_check.sh verified (docs/benchmarks.md)
-        assert (s.device, s.backend, s.precision, s.cuda_graphs) == ("cuda", "torch", "bf16", True)
+        assert (s.device, s.backend, s.precision, s.cuda_graphs, s.compile) == ("cuda", "torch", "fp16", True, True)
 
 
 def test_compose_gpu_stack_shares_one_settings_block() -> None:
