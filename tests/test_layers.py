@@ -85,6 +85,12 @@ def test_every_exception_is_still_needed() -> None:
         assert target in imported_layers((ROOT / rel).read_text()), f"{rel} no longer imports {target}"
 
 
+def write_tree(root: Path, sources: dict[str, str]) -> None:
+    for rel, text in sources.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
 def test_the_checker_finds_each_kind_of_edge(tmp_path: Path) -> None:
     sources = {
         "model/a.py": "def f():\n    from training.train import train\n",
@@ -94,9 +100,7 @@ def test_the_checker_finds_each_kind_of_edge(tmp_path: Path) -> None:
         "training/e.py": "from model import bundle\nimport runpy\nrunpy.run_module('service')\n",
         "build_engine.py": "from service.settings import Settings\n",
     }
-    for rel, text in sources.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
+    write_tree(tmp_path, sources)
     assert forbidden_edges(tmp_path) == [
         "model/a.py imports training",
         "engines/c.py imports service",
@@ -212,9 +216,7 @@ def test_the_room_checker_finds_each_kind_of_edge(tmp_path: Path) -> None:
         "service/batches/e.py": "def f():\n    from service import runtime\n",
         "bench/f.py": "import service.runtime\n",
     }
-    for rel, text in sources.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
+    write_tree(tmp_path, sources)
     assert room_violations(tmp_path) == [
         "service/batches/d.py imports service.worker.runner.Decoded",
         "service/batches/e.py imports service.runtime (only service/__main__.py may)",
