@@ -88,7 +88,10 @@ class GenerateUser(FastHttpUser):
         preset = getattr(opts, "ldit_preset", "") if opts else ""
         if preset:
             body["preset"] = preset
-        with self.client.post("/generate", json=body, name="/generate", catch_response=True) as resp:
+        # FastHttpUser's json= also sends `Accept: application/json`, which /generate answers with 406 (it makes
+        # images only): ask for the PNG, as a browser or curl would get it.
+        with self.client.post("/generate", json=body, headers={"Accept": "image/png"}, name="/generate",
+                              catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"status {resp.status_code}: {(resp.text or '')[:200]}")
                 return
