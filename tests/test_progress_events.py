@@ -139,3 +139,16 @@ def test_readme_and_openapi_agree_on_steps_and_the_progress_rate(replicas):
     assert "N points = N-1 steps" in steps_text, steps_text
     assert "N points = N-1 steps" in readme and "`steps`" in readme.split("N points = N-1 steps")[0][-300:], \
         "the README must say what `steps` counts, in the OpenAPI's words"
+
+
+def test_estimated_start_before_any_image_finished():
+    """Regression (clean-clone CI run, 2026-12-04): a fresh worker has delivered no image yet, so the estimate
+    was None in every `queued` event of a fast run; its calibrated speed (heartbeat `rate`) now answers."""
+    from service.http.routes.events import estimated_start_s
+
+    fresh = [{"images_per_s": 0.0, "rate": {"a": 0.01, "b": 0.001, "max_rows": 8}}]  # 8 rows per 18 ms
+    older = [(b"1-0", {b"cost": b"100"}), (b"2-0", {b"cost": b"300"})]  # 200 row-steps each on average
+    assert estimated_start_s(3, older, fresh) == round(3 * 200 / (8 / 0.018), 2)
+    assert estimated_start_s(3, older, [{**fresh[0], "images_per_s": 2.0}]) == 1.5  # delivered speed wins
+    assert estimated_start_s(3, older, []) is None  # no live worker: nothing to estimate from
+    assert estimated_start_s(3, older, [{"images_per_s": 0.0}]) is None  # no calibration either

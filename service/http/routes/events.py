@@ -20,6 +20,7 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from service.http.errors import ERRORS, error
 from service.http.schemas import ErrorBody, JobStatus
 from service.settings import Settings
+from service.store.capacity import FleetRate
 from service.store.heartbeats import live_workers
 from service.store.jobs import GROUP, Keys
 from service.store.progress import PROGRESS_INTERVAL_S, EventHub, Watch, sse
@@ -164,11 +165,25 @@ def add_event_routes(app: FastAPI, settings: Settings, keys: Keys, guard, job_re
                 return None, None
             raise
         position = max(0, len(older) - int(pending["pending"]))  # entries ahead minus the ones being run
-        rate = sum(w.get("images_per_s", 0.0) for w in await live_workers(r, keys, settings.heartbeat_ttl_s))
-        return position, (round(position / rate, 2) if rate > 0 else None)
+        workers = await live_workers(r, keys, settings.heartbeat_ttl_s)
+        return position, estimated_start_s(position, older, workers)
 
     def job_end_event(st: JobStatus) -> bytes:
         if st.status == "done":
             return sse("done", {"id": st.id, "image_url": f"/jobs/{st.id}/image", "status_url": f"/jobs/{st.id}",
                                 "queue_ms": st.queue_ms, "compute_ms": st.compute_ms, "cache": st.cache})
         return sse("failed", {"id": st.id, "error": st.error or "failed", "message": st.message or "generation failed"})
+
+
+def estimated_start_s(position: int, older: list, workers: list[dict]) -> float | None:
+    """Seconds until a job `position` places back starts: from the images/s the workers delivered, or,
+    before any has finished an image, from their calibrated speed (row-steps per second, heartbeat `rate`)
+    and the mean cost of the entries ahead. None with no live worker."""
+    images_per_s = sum(w.get("images_per_s", 0.0) for w in workers)
+    if images_per_s > 0:
+        return round(position / images_per_s, 2)
+    fleet = FleetRate.of([w.get("rate") for w in workers])
+    costs = [float(fields.get(b"cost", fields.get("cost", 0)) or 0) for _, fields in older]
+    if fleet is None or not costs or sum(costs) <= 0:
+        return None
+    return round(position * (sum(costs) / len(costs)) / fleet.rows_per_s, 2)
