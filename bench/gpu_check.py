@@ -53,7 +53,6 @@ from bench.gpu_util import (  # noqa: E402
     datasheet_peak,
     device_for,
     log,
-    psnr,
     time_ms,
 )
 from bench.gpu_xl import step_xl, step_xl_compiled  # noqa: E402
@@ -62,6 +61,7 @@ from engines.torch_backend import TorchEngine  # noqa: E402
 from model.bundle import load_bundle  # noqa: E402
 from model.sampling import initial_noise, sample  # noqa: E402
 from model.vavae import VAVAE, VAVAE_CONFIGS  # noqa: E402
+from service.image_formats import psnr  # noqa: E402
 
 GPU_TESTS = ("tests/test_engines.py", "tests/test_gpu.py", "tests/test_gpu_engine.py")
 

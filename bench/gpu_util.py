@@ -89,11 +89,6 @@ def utilisation(tflops: float, datasheet: float | None, measured: float) -> dict
             "of_measured_matmul_peak": round(tflops / measured, 3)}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
 

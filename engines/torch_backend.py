@@ -292,7 +292,7 @@ class TorchEngine(Engine):
     def computed_rows(self, rows: int) -> int:
         if self.graphs is None:
             return rows
-        return sum(next(b for b in self.graphs.buckets if b >= n) for n in self.chunks(rows, self.max_rows))
+        return sum(bucket_for(n, self.graphs.buckets) for n in self.chunks(rows, self.max_rows))
 
     @torch.inference_mode()
     def velocity(self, x, t, y):
