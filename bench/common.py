@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from engines.flops import counted_flops  # noqa: E402
 from engines.random_bundle import DEMO_DIT, DEMO_VAE_DDCONFIG, make_random_bundle, perturb_  # noqa: E402
 from model.bundle import ModelBundle, load_bundle, write_bundle  # noqa: E402
 from model.latents import LatentStats  # noqa: E402
@@ -100,8 +101,8 @@ def count_flops(fn) -> int:
 
 
 def dit_flops_per_row(bundle: ModelBundle) -> int:
-    c, h, w = bundle.spec.latent_shape
-    return count_flops(lambda: bundle.dit(torch.randn(1, c, h, w), torch.rand(1), torch.zeros(1, dtype=torch.long)))
+    """Counted on the meta device, attention included (engines/flops.py; a CPU count misses it)."""
+    return int(counted_flops(bundle.spec.dit_config))
 
 
 def best_of(fn, repeats: int) -> float:

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import count_flops, dit_flops_per_row  # noqa: E402
 from bench.common import make_b1_bundle as common_b1_bundle  # noqa: E402
 from engines.random_bundle import DEMO_DIT, DEMO_VAE_DDCONFIG, make_random_bundle  # noqa: E402
 from engines.torch_backend import TorchEngine  # noqa: E402
@@ -63,12 +63,6 @@ def gemm_peaks(repeats: int) -> dict:
     ab, bb = a.bfloat16(), b.bfloat16()
     out["bf16"] = flops / best_time(lambda: ab @ bb, repeats) / 1e9
     return out
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops()
 
 
 def make_b1_bundle(root: Path) -> Path:
@@ -111,9 +105,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_model(label: str, bundle, batches, repeats, with_ort, tmp, peaks_ref: dict, rows_out: list) -> dict:
-    dit, vae = bundle.dit, bundle.vae
+    vae = bundle.vae
     c, h, w = bundle.spec.latent_shape
-    flops_row = count_flops(lambda: dit(torch.randn(1, c, h, w), torch.rand(1), torch.zeros(1, dtype=torch.long)))
+    flops_row = dit_flops_per_row(bundle)
     flops_img = count_flops(lambda: vae.decode(torch.randn(1, c, h, w)))
     log(f"{label}: {flops_row / 1e9:.2f} GFLOP per DiT row, {flops_img / 1e9:.2f} GFLOP per decode")
     quality = {}

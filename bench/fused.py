@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # first: run as a script, bench/ leads sys.path and bench/engines.py shadows engines/
 
-from bench.common import count_flops  # noqa: E402
+from bench.common import dit_flops_per_row  # noqa: E402
 from bench.gpu_check import random_model_bundle, rel_err  # noqa: E402
 from engines.random_bundle import TINY_VAE_DDCONFIG  # noqa: E402
 from engines.torch_backend import PARITY_REL_TOL, TorchEngine  # noqa: E402
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     cfg = lightningdit_config(a.model)
     bundle = random_model_bundle(cfg, dict(TINY_VAE_DDCONFIG, z_channels=cfg["in_channels"]), a.model)
     c, h, w = bundle.spec.latent_shape
-    flops_row = count_flops(lambda: bundle.dit(torch.randn(1, c, h, w), torch.rand(1), torch.zeros(1, dtype=torch.long)))
+    flops_row = dit_flops_per_row(bundle)
     tokens = (h // cfg["patch_size"]) * (w // cfg["patch_size"])
     log(f"{a.model}: {sum(p.numel() for p in bundle.dit.parameters()) / 1e6:.1f} M parameters, {tokens} tokens, "
         f"{flops_row / 1e9:.1f} GFLOP per row")

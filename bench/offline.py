@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.common import Model, count_flops, log, progress, rows_per_image
+from bench.common import Model, dit_flops_per_row, log, progress, rows_per_image
 from model.sampling import initial_noise, sample, time_grid
 
 
@@ -125,6 +125,4 @@ def compare(model: Model, official_images: int, our_images: int, batch: int, eng
 
 
 def count_row_flops(model: Model) -> int:
-    c, h, w = model.bundle.spec.latent_shape
-    return count_flops(lambda: model.bundle.dit(torch.randn(1, c, h, w), torch.rand(1),
-                                                torch.zeros(1, dtype=torch.long)))
+    return dit_flops_per_row(model.bundle)
