@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # first: run as a script, bench/ leads sys.path and bench/engines.py shadows engines/
 
 from bench.common import dit_flops_per_row  # noqa: E402
-from bench.gpu_check import random_model_bundle, rel_err  # noqa: E402
+from bench.gpu_util import rel_err  # noqa: E402
+from bench.gpu_xl import random_model_bundle  # noqa: E402
 from engines.random_bundle import TINY_VAE_DDCONFIG  # noqa: E402
 from engines.torch_backend import PARITY_REL_TOL, TorchEngine  # noqa: E402
 from model.lightningdit import lightningdit_config  # noqa: E402
