@@ -81,9 +81,11 @@ def test_pooled_connections_survive_a_redis_restart(bundle_dir):
             time.sleep(1.0)  # the eight are queued or running
             server.restart()  # same port, same append-only file; every pooled connection is now stale
             after = burst(60, lambda c, i: c.get(f"{api.url}/jobs/after-{i}"))
-            codes = [f.result().status_code for f in inflight]
-        assert [r.status_code for r in after].count(404) == 60, {r.status_code: r.text for r in after}
-        assert codes == [200] * 8, [f.result().text[:200] for f in inflight]
+            ended = [f.exception() or f.result() for f in inflight]
+        logs = {"api": api.lines[-15:], "worker": worker.lines[-15:]}  # a failure here names what the processes saw
+        assert [r.status_code for r in after].count(404) == 60, ({r.status_code: r.text for r in after}, logs)
+        assert [getattr(e, "status_code", repr(e)) for e in ended] == [200] * 8, (
+            [getattr(e, "text", "")[:200] for e in ended], logs)
     finally:
         worker.stop("kill")
         api.stop()

@@ -22,18 +22,24 @@ async def subscribe_forever(r: aioredis.Redis, channel: str, on_message: Callabl
     """Deliver every message of `channel` to `on_message`; reconnect with backoff on any trouble.
 
     `on_subscribed` runs after each (re)subscription: messages published while the connection
-    was down are lost, so it is where a caller looks again at what it was waiting for."""
+    was down are lost, so it is where a caller looks again at what it was waiting for. It runs
+    on Redis's confirmation of the subscription, not after sending SUBSCRIBE: a retrying
+    client (service/store/connections.py) reconnects and re-subscribes inside redis-py when
+    Redis comes back quickly, and no error reaches this loop then; the confirmation still does."""
     backoff = 0.1
     while True:
-        pubsub = r.pubsub(ignore_subscribe_messages=True, push_handler_func=_push_as_is)
+        pubsub = r.pubsub(ignore_subscribe_messages=False, push_handler_func=_push_as_is)
         try:
             await pubsub.subscribe(channel)
-            await on_subscribed()
-            backoff = 0.1
             while True:
                 msg = await pubsub.get_message(timeout=5.0)
-                if msg and msg.get("type") == "message":
+                if not msg:
+                    continue
+                if msg.get("type") == "message":
                     on_message(msg["data"])
+                elif msg.get("type") == "subscribe":
+                    backoff = 0.1
+                    await on_subscribed()
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - reconnect on any connection trouble
