@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,10 +59,24 @@ class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
         self.url = (url or os.environ.get("LDIT_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("LDIT_API_KEY")
-        headers = {"User-Agent": "ldit-cli"}
+        self._headers = {"User-Agent": "ldit-cli"}
         if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._timeout = httpx.Timeout(timeout, connect=10.0)
+        self.http = self._new_pool()
+
+    def _new_pool(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=self._timeout)
+
+    def _forget_pool(self) -> None:
+        """Start a new connection pool after Ctrl-C, without closing (or waiting for) the old one.
+
+        A KeyboardInterrupt raised inside httpcore can leave a thread lock of its pool taken (one that
+        arrives just as a `with lock:` has acquired it), and every later request on that pool, and its
+        close(), then waits forever: that hung `ldit sample --on-interrupt cancel` in CI. The old sockets
+        close with the process.
+        """
+        self.http = self._new_pool()
 
     def close(self) -> None:
         self.http.close()
@@ -73,10 +88,28 @@ class Client:
         self.close()
 
     def request(self, method: str, path: str, **kw) -> httpx.Response:
+        # Sent from a helper thread: Python raises Ctrl-C's KeyboardInterrupt in the main thread only,
+        # so it stops the wait here and never lands inside httpcore (see _forget_pool).
+        http, outcome = self.http, []
+
+        def send() -> None:
+            try:
+                outcome.append(http.request(method, path, **kw))
+            except BaseException as err:  # handed to the main thread as it is
+                outcome.append(err)
+
+        sender = threading.Thread(target=send, name="ldit-request", daemon=True)
+        sender.start()
         try:
-            response = self.http.request(method, path, **kw)
-        except httpx.TransportError as err:
-            raise ApiError(f"cannot reach {self.url}: {err or type(err).__name__}") from None
+            sender.join()
+        except KeyboardInterrupt:
+            self._forget_pool()  # the abandoned request may still hold a connection of the old one
+            raise
+        response = outcome[0]
+        if isinstance(response, httpx.TransportError):
+            raise ApiError(f"cannot reach {self.url}: {response or type(response).__name__}") from None
+        if isinstance(response, BaseException):
+            raise response
         if response.status_code >= 400:
             raise error_of(response)
         return response
@@ -94,6 +127,9 @@ class Client:
                 yield response
         except httpx.TransportError as err:
             raise ApiError(f"cannot reach {self.url}: {err or type(err).__name__}") from None
+        except KeyboardInterrupt:  # while connecting, or while the caller read the stream
+            self._forget_pool()
+            raise
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:

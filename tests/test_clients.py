@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import _thread
 import base64
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import openai
 import pytest
 from PIL import Image
 
+from ldit_client.api import Client
+from ldit_client.cli import interrupted
 from service import image_formats
 from tests.service_harness import REPO, have_redis_server, start_redis, start_service
 
@@ -395,6 +399,46 @@ def test_ldit_sample_interrupt_cancel_deletes_the_set(cluster, http, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"cancelled set {batch_id}" in err
+    assert http.get(f"/batches/{batch_id}").status_code == 404
+
+
+def test_ldit_cancel_works_after_a_ctrl_c_that_landed_in_httpcores_pool_lock(cluster, http, tmp_path):
+    """Regression (CI of stop 30: `ldit sample --on-interrupt cancel` hung after Ctrl-C, never exiting).
+
+    A KeyboardInterrupt raised just as httpcore's pool takes its non-reentrant thread lock leaves the
+    lock taken, and every later request on that pool (the cancel's DELETE, the close at exit) waits
+    forever. Made deterministic here: Ctrl-C becomes pending while the pool's lock is contended, so it
+    is raised the moment a request in this (the main) thread gets the lock.
+    """
+    api, _ = cluster
+    client = Client(api.url, KEY, 30)
+    batch_id = client.json("POST", "/batches", json={"classes": [1], "per_class": 50, "steps": 60})["id"]
+    pool_lock = client.http._transport._pool._optional_thread_lock._lock  # httpcore 1.x: the lock a Ctrl-C leaks
+    pool_lock.acquire()
+
+    def ctrl_c_then_let_go():
+        time.sleep(1.0)  # the main thread waits on the lock by now
+        _thread.interrupt_main()
+        time.sleep(0.1)
+        pool_lock.release()
+
+    threading.Thread(target=ctrl_c_then_let_go, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        client.json("GET", f"/batches/{batch_id}")
+    ended = []
+
+    def cancel_then_close():  # what `ldit sample --on-interrupt cancel` does next, then click at exit
+        try:
+            interrupted(client, batch_id, tmp_path / "x.npz", "cancel")
+        except SystemExit as exit_:
+            ended.append(exit_.code)
+        client.close()
+        ended.append("closed")
+
+    worker = threading.Thread(target=cancel_then_close, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert ended == [130, "closed"], f"the cancel (or the close) waited on the pool lock: {ended}"
     assert http.get(f"/batches/{batch_id}").status_code == 404
 
 
